@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Java >= 11 for TorchServe's frontend, and .venv with the
+# pinned requirements. A stamp keyed on requirements.txt makes a rerun a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+java_major() {
+    java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print (v[1] == "1") ? v[2] : v[1]; exit}'
+}
+if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 11 ]; then
+    echo "install: Java >= 11 not found; installing openjdk-17-jre-headless"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=".venv/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
+if [ -f "$stamp" ]; then
+    echo "install: .venv is up to date"
+    exit 0
+fi
+# PIP_CONFIG_FILE=/dev/null: a machine-wide pip config may carry a constraint
+# file that caps torch below the pinned release; the pins here are the truth.
+PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+rm -f .venv/.requirements-*
+touch "$stamp"
+echo "install: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
