@@ -1,0 +1,75 @@
+"""TorchServe handler: decode, preprocess, one batched forward pass, softmax top-k.
+
+A thin class over plain functions (request_decoding, preprocessing, batch_inference):
+every image of a batch gets its own answer, a bad image its own 4xx, and nothing
+escapes handle(), so one corrupt upload never costs the batch or the worker.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+try:  # inside the .mar the modules sit side by side
+    import batch_inference
+    import preprocessing
+    import request_decoding
+except ImportError:  # in the repository they form the `handler` package
+    from handler import batch_inference, preprocessing, request_decoding
+
+logger = logging.getLogger(__name__)
+
+
+class ClassifierHandler(BaseHandler):
+    """Image classifier over model.pt, index_to_name.json and preprocess.json from the .mar."""
+
+    def initialize(self, context) -> None:
+        """Load settings, labels, preprocessing and the model onto the worker's device."""
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        model_yaml = getattr(context, "model_yaml_config", None) or {}
+        self.settings = batch_inference.parse_settings(model_yaml)
+        self.device = batch_inference.select_device(properties)
+        self.half = self.settings.precision == "fp16" and self.device.type == "cuda"
+        if self.device.type == "cpu":
+            workers = model_yaml.get("maxWorkers") or model_yaml.get("minWorkers") or 0
+            torch.set_num_threads(batch_inference.count_cpu_threads(self.settings.cpu_threads, workers))
+        self.preprocess_config = preprocessing.PreprocessConfig.load(model_dir / "preprocess.json")
+        self.labels = batch_inference.load_labels(model_dir / "index_to_name.json")
+        serialized = ((context.manifest or {}).get("model") or {}).get("serializedFile", "model.pt")
+        self.model = batch_inference.load_model(model_dir / serialized, self.device, self.half)
+        batch_inference.check_model_outputs(self.model, self.preprocess_config, len(self.labels),
+                                            self.device, self.half)
+        self.manifest = context.manifest
+        self.context = context
+        self.initialized = True
+        logger.info("classifier ready: %d classes, input %s, device %s, %s, %d torch threads",
+                    len(self.labels), list(self.preprocess_config.image_size), self.device,
+                    "fp16" if self.half else "fp32", torch.get_num_threads())
+
+    def preprocess(self, data: list) -> list:
+        """Request rows -> per row a 3 x H x W tensor or the BadImage that refused it."""
+        return request_decoding.decode_batch(data, self.preprocess_config, self.settings.max_pixels)
+
+    def inference(self, data: list[torch.Tensor], *args, **kwargs) -> torch.Tensor:
+        """Decoded images -> softmax probabilities N x C from one batched forward pass."""
+        return batch_inference.forward_batch(self.model, data, self.device, self.half)
+
+    def postprocess(self, data: torch.Tensor) -> list[list[dict]]:
+        """Probabilities -> per image the top-k labels, highest first."""
+        return batch_inference.top_k(data, self.settings.topk, self.labels)
+
+    def handle(self, data: list, context) -> list:
+        """Answer a batch: one JSON body and one HTTP status per request."""
+        started = time.perf_counter()
+        self.context = context
+        answers = batch_inference.answer_batch(
+            self.preprocess(data or []), lambda tensors: self.postprocess(self.inference(tensors)))
+        bodies = request_decoding.format_responses(answers, context)
+        if getattr(context, "metrics", None) is not None:
+            context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2),
+                                     None, "ms")
+        return bodies

@@ -1,0 +1,126 @@
+"""From a TorchServe request row to image tensors, and the JSON bodies of the answers.
+
+A row is what TorchServe hands the handler for one request: a dict whose "data",
+"file" or "body" value is bytes (raw POST, multipart), a str (text/* bodies are
+decoded by TorchServe) or a dict/list (application/json bodies are parsed).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any
+
+import torch
+
+try:  # inside the .mar the modules sit side by side
+    import preprocessing
+except ImportError:  # in the repository they form the `handler` package
+    from handler import preprocessing
+
+BadImage = preprocessing.BadImage
+logger = logging.getLogger(__name__)
+
+ROW_FIELDS = ("data", "file", "body")  # multipart field names first, then the raw body
+JSON_FIELDS = ("data", "image", "b64", "file", "body")  # where a JSON body may carry base64
+MAX_PHRASE_CHARS = 200  # an HTTP reason phrase is one short line
+
+
+def extract_image_bytes(row: Any) -> bytes:
+    """Return the image bytes of one request row; BadImage(400) when there are none."""
+    if isinstance(row, (bytes, bytearray)):
+        return _require_bytes(bytes(row))
+    if not isinstance(row, dict):
+        raise BadImage(400, f"unsupported request payload of type {type(row).__name__}")
+    for field in ROW_FIELDS:
+        if field in row and row[field] is not None:
+            return bytes_from_value(row[field])
+    fields = ", ".join(sorted(str(k) for k in row)) or "none"
+    raise BadImage(400, f"no image in the request: send the file as the body or as form field "
+                        f"'data' or 'file' (fields received: {fields})")
+
+
+def bytes_from_value(value: Any, depth: int = 0) -> bytes:
+    """Turn a body or form value (bytes, base64 str, parsed JSON) into image bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        return _require_bytes(bytes(value))
+    if isinstance(value, str):
+        return decode_base64(value)
+    if depth < 2 and isinstance(value, dict):  # a JSON object such as {"data": "<base64>"}
+        for field in JSON_FIELDS:
+            if isinstance(value.get(field), str):
+                return decode_base64(value[field])
+        raise BadImage(400, f"JSON body has no base64 image in any of the fields {list(JSON_FIELDS)}")
+    if depth < 2 and isinstance(value, list) and len(value) == 1:  # ["<base64>"]
+        return bytes_from_value(value[0], depth + 1)
+    raise BadImage(400, f"unsupported request body: JSON {type(value).__name__}, "
+                        "expected the image bytes or a base64 string")
+
+
+def decode_base64(text: str) -> bytes:
+    """Decode a base64 image string, also as a data URL; a plain text body is a 400."""
+    text = text.strip()
+    if not text:
+        raise BadImage(400, "empty body: no image bytes")
+    if text.startswith("data:") and "," in text:  # data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage(400, "body is text, not an image (send the file's bytes, "
+                            "or base64 in a JSON body)") from None
+    return _require_bytes(data)
+
+
+def _require_bytes(data: bytes) -> bytes:
+    if not data:
+        raise BadImage(400, "empty body: no image bytes")
+    return data
+
+
+def load_row_tensor(row: Any, cfg: preprocessing.PreprocessConfig, max_pixels: int) -> torch.Tensor:
+    """One request row -> the model's input tensor (3 x H x W); raises BadImage."""
+    return preprocessing.load_tensor(extract_image_bytes(row), cfg, max_pixels=max_pixels)
+
+
+def decode_batch(rows: list, cfg: preprocessing.PreprocessConfig,
+                 max_pixels: int) -> list[torch.Tensor | BadImage]:
+    """Decode every row on its own: a failure becomes that row's BadImage, never the batch's."""
+    items: list[torch.Tensor | BadImage] = []
+    for idx, row in enumerate(rows):
+        try:
+            items.append(load_row_tensor(row, cfg, max_pixels))
+        except BadImage as e:
+            logger.info("request %d of the batch refused (%d): %s", idx, e.code, e.message)
+            items.append(e)
+        except Exception as e:  # noqa: BLE001 - a decoder bug must not fail the other images
+            logger.exception("request %d of the batch: unexpected error while decoding", idx)
+            items.append(BadImage(500, f"internal error while decoding the image: {type(e).__name__}: {e}"))
+    return items
+
+
+def error_body(error: BadImage) -> dict:
+    """The JSON body of a refused image: {"code": N, "error": "..."}."""
+    return {"code": error.code, "error": error.message}
+
+
+def status_phrase(message: str) -> str:
+    """An HTTP reason phrase: one printable ASCII line of bounded length."""
+    line = " ".join(str(message).split())
+    line = line.encode("ascii", "replace").decode("ascii")
+    return line if len(line) <= MAX_PHRASE_CHARS else line[: MAX_PHRASE_CHARS - 3] + "..."
+
+
+def format_responses(answers: list, context) -> list:
+    """Set each request's status on the TorchServe context and return the JSON-able bodies."""
+    bodies = []
+    for idx, answer in enumerate(answers):
+        if isinstance(answer, BadImage):
+            context.set_response_status(answer.code, status_phrase(answer.message), idx)
+            bodies.append(error_body(answer))
+        else:
+            context.set_response_status(200, "OK", idx)
+            bodies.append(answer)
+        if getattr(context, "request_processor", None) is not None:
+            context.set_response_content_type(idx, "application/json")
+    return bodies
