@@ -1,0 +1,248 @@
+"""Training stage: list parsing, labels, class-folder lists, heads, smoke training, export, weights."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from handler.preprocessing import PreprocessConfig, load_tensor
+from training import export, lists, train
+from training.dataset import ImageListDataset, read_list
+from training.errors import UserError, run_main
+from training.labels import load_labels
+from training.model import build_model
+from training.sample_data import write_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """500 real handwritten digits as class folders."""
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out, size=32, limit=500)
+    return out
+
+
+@pytest.fixture
+def labels_file(tmp_path) -> Path:
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"0": "cat", "1": "dog"}))
+    return path
+
+
+def make_png(path: Path, color=(200, 10, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), color).save(path)
+    return path
+
+
+def run_cli(module, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a CLI's main like `python -m` does; return (exit code, stderr)."""
+    code = 0
+    try:
+        run_main(module.main, module.get_args_parser().parse_args(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# --- list files -------------------------------------------------------------
+
+def test_read_list_resolves_relative_paths_and_skips_comments(tmp_path, labels_file):
+    make_png(tmp_path / "img" / "a.png")
+    make_png(tmp_path / "img" / "b b.png")
+    (tmp_path / "train.list").write_text("# header\n\nimg/a.png\tcat\nimg/b b.png\tdog\n")
+    samples = read_list(tmp_path / "train.list", load_labels(labels_file))
+    assert samples == [((tmp_path / "img" / "a.png").resolve(), 0), ((tmp_path / "img" / "b b.png").resolve(), 1)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("img/a.png cat\n", ":1: malformed line"),
+    ("img/a.png\tcat\textra\n", ":1: malformed line"),
+    ("img/a.png\tcow\n", ":1: label 'cow' is not in the labels file"),
+    ("img/a.png\tcat\nimg/missing.png\tdog\n", ":2: image not found"),
+    ("img/a.png\tcat\n# c\nimg/./a.png\tdog\n", ":3: duplicate entry 'img/./a.png', first listed at line 1"),
+    ("img/text.png\tcat\n", ":1: cannot decode image"),
+    ("# only a comment\n\n", "no samples"),
+])
+def test_read_list_bad_input_names_file_and_line(tmp_path, labels_file, content, message):
+    make_png(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "text.png").write_text("not an image")
+    (tmp_path / "bad.list").write_text(content)
+    with pytest.raises(UserError) as info:
+        read_list(tmp_path / "bad.list", load_labels(labels_file))
+    assert str(tmp_path / "bad.list") in str(info.value)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"0": "cat", "2": "dog"}', "contiguous from 0"),
+    ('{"0": "cat", "0": "dog"}', "duplicate index '0'"),
+    ('{"0": "cat", "00": "dog"}', "index 0 appears twice"),
+    ('{"0": "cat", "1": "cat"}', "used by two indices"),
+    ('{"a": "cat"}', "not an integer index"),
+    ('["cat", "dog"]', "expected a non-empty object"),
+    ('{"0": "cat",', "not valid JSON"),
+])
+def test_load_labels_rejects_bad_maps(tmp_path, content, message):
+    path = tmp_path / "labels.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message) as info:
+        load_labels(path)
+    assert str(path) in str(info.value)
+
+
+def test_dataset_items_match_shared_preprocessing(tmp_path, labels_file):
+    make_png(tmp_path / "a.png", (10, 200, 30))
+    (tmp_path / "val.list").write_text("a.png\tdog\n")
+    cfg = PreprocessConfig(image_size=(16, 16))
+    dataset = ImageListDataset(tmp_path / "val.list", labels_file, cfg)
+    tensor, target = dataset[0]
+    assert len(dataset) == 1 and target == 1
+    assert tensor.shape == (3, 16, 16)
+    assert torch.equal(tensor, load_tensor(tmp_path / "a.png", cfg))
+
+
+# --- class-folder lists ------------------------------------------------------
+
+def test_lists_stratified_and_deterministic(tmp_path, capsys):
+    for cls, count in (("cat", 10), ("dog", 20)):
+        for i in range(count):
+            make_png(tmp_path / "tree" / cls / ("sub" if i % 2 else "") / f"{i}.{'PNG' if i % 3 else 'jpeg'}")
+    (tmp_path / "tree" / "dog" / "notes.txt").write_text("not an image")
+    assert run_cli(lists, [str(tmp_path / "tree"), "--out", str(tmp_path / "a"), "--seed", "3"], capsys)[0] == 0
+    assert run_cli(lists, [str(tmp_path / "tree"), "--out", str(tmp_path / "b"), "--seed", "3"], capsys)[0] == 0
+    for name in ("train.list", "val.list", "labels.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    val = [line.split("\t")[1] for line in (tmp_path / "a" / "val.list").read_text().splitlines()]
+    train_rows = (tmp_path / "a" / "train.list").read_text().splitlines()
+    assert val.count("cat") == 2 and val.count("dog") == 4
+    assert len(train_rows) == 24 and not any("notes.txt" in r for r in train_rows)
+    assert load_labels(tmp_path / "a" / "labels.json") == ["cat", "dog"]
+    samples = read_list(tmp_path / "a" / "train.list", ["cat", "dog"])  # the written list is valid
+    assert len(samples) == 24
+
+
+def test_lists_refuses_empty_class_naming_it(tmp_path, capsys):
+    make_png(tmp_path / "tree" / "cat" / "a.png")
+    (tmp_path / "tree" / "dog").mkdir()
+    code, err = run_cli(lists, [str(tmp_path / "tree"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "class 'dog' has no images" in err
+
+
+def test_lists_refuses_empty_tree(tmp_path, capsys):
+    (tmp_path / "tree").mkdir()
+    code, err = run_cli(lists, [str(tmp_path / "tree"), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "no class folders" in err
+
+
+# --- models ------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1"])
+def test_build_model_replaces_head(arch):
+    model = build_model(arch, 7).eval()
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_build_model_unknown_arch_is_a_user_error():
+    with pytest.raises(UserError, match="not a torchvision classification model"):
+        build_model("resnet_nope", 3)
+
+
+def test_pretrained_weights_from_local_hub_cache(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(UserError, match=r"not in the local torch hub cache.*put the file at"):
+        build_model("mobilenet_v3_small", 4, weights="DEFAULT")
+    reference = torchvision.models.mobilenet_v3_small()
+    url = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT.url
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / Path(url).name)
+    model = build_model("mobilenet_v3_small", 4, weights="DEFAULT")
+    assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
+    assert model.classifier[-1].out_features == 4
+    from_file = build_model("mobilenet_v3_small", 4, weights_file=str(tmp_path / "hub" / "checkpoints" / Path(url).name))
+    assert torch.equal(from_file.features[0][0].weight, reference.features[0][0].weight)
+
+
+# --- export --------------------------------------------------------------------
+
+def test_export_reloaded_torchscript_matches_eager(tmp_path):
+    model = build_model("resnet18", 5).eval()
+    difference = export.export_torchscript(model, tmp_path / "model.pt", (32, 32))
+    assert difference <= export.TOLERANCE
+    reloaded = torch.jit.load(str(tmp_path / "model.pt"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert (reloaded(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_export_fails_loudly_on_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "max_logit_difference", lambda *a, **k: 0.5)
+    with pytest.raises(export.ExportMismatch, match="not safe to serve"):
+        export.export_torchscript(build_model("resnet18", 3), tmp_path / "model.pt", (32, 32))
+
+
+# --- training smoke test ---------------------------------------------------------
+
+def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
+    assert run_cli(lists, [str(digits), "--out", str(tmp_path / "lists")], capsys)[0] == 0
+    out = tmp_path / "run"
+    argv = ["--train-list", str(tmp_path / "lists/train.list"), "--val-list", str(tmp_path / "lists/val.list"),
+            "--labels", str(tmp_path / "lists/labels.json"), "--out", str(out), "--image-size", "32",
+            "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--workers", "0"]
+    code, err = run_cli(train, argv, capsys)
+    assert code == 0, err
+    for name in ("checkpoint.pth", "model.pt", "index_to_name.json", "preprocess.json", "metrics.json",
+                 "training_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    assert metrics["best_val_acc"] > 0.3, metrics["history"]  # chance is 0.1 with 10 classes
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert checkpoint["arch"] == "resnet18" and checkpoint["classes"] == [str(i) for i in range(10)]
+    assert checkpoint["preprocess"]["image_size"] == [32, 32] and checkpoint["epoch"] == 2
+    assert PreprocessConfig.load(out / "preprocess.json").image_size == (32, 32)
+    assert load_labels(out / "index_to_name.json") == checkpoint["classes"]
+    # The exported file reproduces the best checkpoint, and export from the checkpoint agrees.
+    assert run_cli(export, ["--checkpoint", str(out / "checkpoint.pth"), "--out", str(tmp_path / "again.pt")],
+                   capsys)[0] == 0
+    x = torch.randn(3, 3, 32, 32)
+    a, b = torch.jit.load(str(out / "model.pt")), torch.jit.load(str(tmp_path / "again.pt"))
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+    # --resume continues from the saved epoch
+    code, err = run_cli(train, argv[:-6] + ["--epochs", "3", "--batch-size", "16", "--workers", "0", "--resume"],
+                        capsys)
+    assert code == 0, err
+    assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image-size", "0"], "--image-size 0"),
+    (["--arch", "nonet"], "--arch nonet"),
+    (["--epochs", "0"], "--epochs 0"),
+])
+def test_train_bad_flags_exit_2_with_one_line(digits, tmp_path, capsys, extra, message):
+    assert run_cli(lists, [str(digits), "--out", str(tmp_path / "lists")], capsys)[0] == 0
+    argv = ["--train-list", str(tmp_path / "lists/train.list"), "--val-list", str(tmp_path / "lists/val.list"),
+            "--labels", str(tmp_path / "lists/labels.json"), "--out", str(tmp_path / "run"), "--workers", "0"]
+    code, err = run_cli(train, argv + extra, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "labels.json").write_text('{"0": "a", "1": "b"}')
+    (tmp_path / "train.list").write_text("missing.png\ta\n")
+    result = subprocess.run([sys.executable, "-m", "training.train", "--train-list", str(tmp_path / "train.list"),
+                             "--val-list", str(tmp_path / "train.list"), "--labels", str(tmp_path / "labels.json"),
+                             "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {tmp_path / 'train.list'}:1: image not found: {tmp_path / 'missing.png'}"
