@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make demo`: real handwritten digits -> lists -> train + export -> .mar -> TorchServe
+# -> classify the validation images as class folders -> served accuracy == training's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+DEMO=demo
+RUN=runs/digits
+
+rm -rf "$DEMO"
+$PY -m training.sample_data "$DEMO/digits"
+$PY -m training.lists "$DEMO/digits" --out "$DEMO/lists"
+$PY -m training.train --train-list "$DEMO/lists/train.list" --val-list "$DEMO/lists/val.list" \
+    --labels "$DEMO/lists/labels.json" --out "$RUN" --image-size 32 --epochs 12 --batch-size 64 --lr 2e-3
+bash scripts/archive.sh "$RUN" digits 1.0 --force
+$PY scripts/list_to_folders.py "$DEMO/lists/val.list" --labels "$DEMO/lists/labels.json" --out "$DEMO/val"
+
+trap 'bash scripts/serve.sh stop' EXIT  # stop the server even when a step fails
+bash scripts/serve.sh start model_store/digits-1.0.mar
+set +e
+$PY scripts/classify_dir.py "$DEMO/val" --model digits --class-folders --output "$DEMO/results.jsonl"
+status=$?
+set -e
+[ "$status" -le 1 ] || { echo "demo: classify_dir.py failed (exit $status)" >&2; exit "$status"; }
+
+$PY - "$RUN/metrics.json" "$DEMO/results.jsonl" <<'PYEOF'
+import json, sys
+trained = json.load(open(sys.argv[1]))["best_val_acc"]
+rows = [json.loads(line) for line in open(sys.argv[2], encoding="utf-8")]
+served = sum(r["status"] == "ok" and r["label"] == r["true_label"] for r in rows) / len(rows)
+print(f"demo: served accuracy {served:.4f} on {len(rows)} validation images; training's validation accuracy {trained:.4f}")
+if abs(served - trained) > 1e-9:
+    sys.exit("demo: served accuracy differs from training's: preprocessing or model drifted")
+PYEOF
