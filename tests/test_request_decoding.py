@@ -1,0 +1,103 @@
+"""Request rows -> image bytes -> tensors, and the per-image answer bodies; no server, no model."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+
+from handler import request_decoding
+from handler.preprocessing import BadImage, PreprocessConfig
+from handler.request_decoding import (bytes_from_value, decode_base64, decode_batch, error_body,
+                                      extract_image_bytes, format_responses, status_phrase)
+from tests.image_zoo import RED, png_bytes
+
+PNG = png_bytes(RED, (4, 4))
+B64 = base64.b64encode(PNG).decode()
+CFG = PreprocessConfig(image_size=(4, 4), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("row", [
+    {"body": PNG}, {"data": PNG}, {"file": PNG}, {"body": bytearray(PNG)}, PNG,
+    {"body": B64}, {"body": f"  {B64[:20]}\n{B64[20:]}  "}, {"body": f"data:image/png;base64,{B64}"},
+    {"body": {"data": B64}}, {"body": {"image": B64}}, {"body": {"b64": B64}}, {"body": [B64]},
+    {"body": [{"data": B64}]}, {"data": PNG, "body": b"ignored"}, {"data": None, "body": PNG},
+])
+def test_every_supported_form_gives_the_image_bytes(row):
+    assert extract_image_bytes(row) == PNG
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"body": b""}, "empty body"),
+    ({"data": bytearray()}, "empty body"),
+    ({"body": ""}, "empty body"),
+    ({"body": "   \n"}, "empty body"),
+    ({"body": "hello, I am a text file\n"}, "body is text, not an image"),
+    ({"body": "<html><body>hi</body></html>"}, "body is text, not an image"),
+    ({"body": {"instances": [1, 2]}}, "JSON body has no base64 image"),
+    ({"body": {"data": 42}}, "JSON body has no base64 image"),
+    ({"body": 42}, "JSON int"),
+    ({"body": [B64, B64]}, "JSON list"),
+    ({"body": [[[B64]]]}, "JSON list"),
+    ({"body": None}, "no image in the request"),
+    ({"image": PNG, "label": b"x"}, "fields received: image, label"),
+    ({}, "fields received: none"),
+    (None, "unsupported request payload of type NoneType"),
+])
+def test_everything_else_is_a_400_with_a_clear_message(row, message):
+    with pytest.raises(BadImage) as info:
+        extract_image_bytes(row)
+    assert info.value.code == 400 and message in info.value.message
+
+
+def test_base64_of_nothing_is_an_empty_body():
+    with pytest.raises(BadImage, match="empty body"):
+        decode_base64("data:image/png;base64,")
+    assert bytes_from_value(base64.b64encode(b"\x00\x01").decode()) == b"\x00\x01"
+
+
+def test_decode_batch_isolates_failures_and_keeps_positions():
+    items = decode_batch([{"body": PNG}, {"body": b""}, {"body": b"GIF89a broken"}, {"data": PNG}], CFG, 10**6)
+    assert [type(i).__name__ for i in items] == ["Tensor", "BadImage", "BadImage", "Tensor"]
+    assert torch.equal(items[0], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 4, 4))
+    assert items[1].code == 400 and items[2].code == 400
+
+
+def test_decode_batch_applies_the_pixel_limit():
+    items = decode_batch([{"body": png_bytes(RED, (10, 10))}, {"body": PNG}], CFG, max_pixels=99)
+    assert isinstance(items[0], BadImage) and items[0].code == 413 and "over the limit of 99" in items[0].message
+    assert isinstance(items[1], torch.Tensor)
+
+
+def test_an_unexpected_decoder_error_is_that_images_500(monkeypatch, caplog):
+    real = request_decoding.preprocessing.load_tensor
+
+    def flaky(source, cfg, max_pixels):
+        if source == PNG:
+            raise KeyError("decoder bug")
+        return real(source, cfg, max_pixels=max_pixels)
+
+    monkeypatch.setattr(request_decoding.preprocessing, "load_tensor", flaky)
+    items = decode_batch([{"body": PNG}, {"body": png_bytes(RED, (8, 8))}], CFG, 10**6)
+    assert isinstance(items[0], BadImage) and items[0].code == 500 and "KeyError" in items[0].message
+    assert isinstance(items[1], torch.Tensor)
+    assert "unexpected error while decoding" in caplog.text
+
+
+def test_status_phrase_is_one_short_ascii_line():
+    assert status_phrase("cannot decode\n  image: bad\tdata") == "cannot decode image: bad data"
+    assert status_phrase("caf\u00e9") == "caf?"
+    long = status_phrase("x" * 1000)
+    assert len(long) == request_decoding.MAX_PHRASE_CHARS and long.endswith("...")
+
+
+def test_format_responses_sets_one_status_per_request():
+    context = Context("m", "/tmp", {}, 3, None, "0.12.0")
+    context.request_processor = [RequestProcessor({}) for _ in range(3)]
+    prediction = [{"label": "a", "index": 0, "probability": 1.0}]
+    bodies = format_responses([prediction, BadImage(413, "too\nlarge"), prediction], context)
+    assert bodies == [prediction, {"code": 413, "error": "too\nlarge"}, prediction]
+    assert [context.get_response_status(i) for i in range(3)] == [(200, "OK"), (413, "too large"), (200, "OK")]
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(3))
+    assert error_body(BadImage(400, "x")) == {"code": 400, "error": "x"}
