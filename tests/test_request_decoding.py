@@ -101,3 +101,48 @@ def test_format_responses_sets_one_status_per_request():
     assert [context.get_response_status(i) for i in range(3)] == [(200, "OK"), (413, "too large"), (200, "OK")]
     assert all(context.get_response_content_type(i) == "application/json" for i in range(3))
     assert error_body(BadImage(400, "x")) == {"code": 400, "error": "x"}
+
+
+ZOO_PIXELS = {  # file -> (decoded size, {(x, y): RGB}) for the accepted zoo images
+    "cmyk.jpg": ((16, 16), {(8, 8): (255, 0, 0)}),
+    "gray16.png": ((16, 16), {(0, 0): (191, 191, 191)}),  # 49151 / 257
+    "grayscale.jpg": ((16, 16), {(3, 3): (128, 128, 128)}),
+    "bilevel.png": ((16, 16), {(0, 0): (255, 255, 255)}),
+    "gray_alpha.png": ((16, 16), {(0, 0): (100, 100, 100)}),
+    "rgba.png": ((16, 16), {(2, 2): (0, 255, 0), (12, 2): (255, 255, 255)}),  # transparent -> white
+    "palette_transparent.gif": ((16, 16), {(0, 0): (255, 255, 255), (8, 8): (0, 0, 255)}),
+    "animated.gif": ((16, 16), {(8, 8): (255, 0, 0)}),  # the first frame
+    "image.webp": ((16, 16), {(8, 8): (0, 255, 0)}),
+    "exif_orientation_6.jpg": ((16, 32), {(8, 2): (255, 0, 0), (8, 29): (0, 0, 255)}),  # upright
+    "one_pixel.png": ((1, 1), {(0, 0): (0, 255, 0)}),
+    "progressive.jpg": ((64, 48), {(30, 20): (0, 0, 255)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZOO_PIXELS))
+def test_zoo_decodes_to_upright_rgb_pixels(name):
+    from handler.preprocessing import open_image
+    from tests.image_zoo import zoo_files
+
+    img = open_image(zoo_files()[name][0])
+    size, pixels = ZOO_PIXELS[name]
+    assert img.mode == "RGB" and img.size == size
+    for xy, rgb in pixels.items():
+        assert all(abs(a - b) <= 3 for a, b in zip(img.getpixel(xy), rgb)), (xy, img.getpixel(xy))
+
+
+@pytest.mark.parametrize("stored, orientation, target, decoded", [
+    ((256, 256), None, (32, 32), (32, 32)),    # 1/8 scale
+    ((256, 256), None, (33, 33), (64, 64)),    # 1/4: the smallest scale still >= the target
+    ((256, 256), None, (300, 300), (256, 256)),
+    ((256, 128), 6, (64, 32), (32, 64)),       # rotated after decoding: the target is swapped first
+    ((256, 128), None, (64, 32), (128, 64)),   # H 128 / 64 limits the scale to 1/2
+])
+def test_jpeg_draft_decodes_at_the_smallest_sufficient_scale(stored, orientation, target, decoded):
+    from handler.preprocessing import open_image
+    from tests.image_zoo import jpeg_bytes
+
+    data = jpeg_bytes(RED, stored, orientation=orientation)
+    assert open_image(data, size=target).size == decoded
+    full = open_image(data)
+    assert full.size == (stored if orientation is None else stored[::-1])

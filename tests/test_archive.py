@@ -1,0 +1,162 @@
+"""scripts/archive.sh: input checks, the .mar's manifest and contents, and the handler loaded from it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.image_zoo import GREEN, png_bytes
+from tests.tiny_model import make_tiny_run
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHIVE = ROOT / "scripts" / "archive.sh"
+MAR_FILES = {"MAR-INF/MANIFEST.json", "model.pt", "classifier_handler.py", "preprocessing.py",
+             "request_decoding.py", "batch_inference.py", "index_to_name.json", "preprocess.json",
+             "model-config.yaml"}
+
+# Runs in a fresh interpreter, from the unzipped folder, as TorchServe's worker does: the folder on
+# sys.path, the handler imported by module name, then one batch answered in the worker's wire format.
+WORKER = r"""
+import json, os, struct, sys
+folder = sys.argv[1]
+sys.path.insert(0, folder)
+import ts
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.model_loader import TsModelLoader
+cache = MetricsCacheYamlImpl(config_file_path=os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+cache.initialize_cache()
+manifest = json.load(open(os.path.join(folder, "MAR-INF", "MANIFEST.json")))
+service = TsModelLoader().load("tiny", folder, manifest["model"]["handler"], None, 8, None, True, cache)
+service.set_cl_socket(None)
+rows = [("image/png", open(sys.argv[2], "rb").read()), ("text/plain", b"not an image")]
+batch = [{"requestId": f"r{i}".encode(), "parameters": [{"name": "body", "contentType": ct, "value": v}]}
+         for i, (ct, v) in enumerate(rows)]
+msg = bytes(service.predict(batch))
+pos = 0
+def take_int():
+    global pos
+    pos += 4
+    return struct.unpack("!i", msg[pos - 4:pos])[0]
+def take_bytes():
+    global pos
+    n = take_int()
+    pos += n
+    return msg[pos - n:pos]
+answers = []
+batch_code, batch_message = take_int(), take_bytes().decode()
+while True:
+    n = take_int()
+    if n == -1:
+        break
+    pos += n
+    content_type, status, phrase = take_bytes().decode(), take_int(), take_bytes().decode()
+    headers = {take_bytes().decode(): take_bytes().decode() for _ in range(take_int())}
+    answers.append({"status": status, "phrase": phrase, "content_type": content_type,
+                    "body": json.loads(take_bytes())})
+print(json.dumps({"batch_code": batch_code, "answers": answers,
+                  "repo_package_used": "handler" in sys.modules,
+                  "handler_file": sys.modules["classifier_handler"].__file__}))
+"""
+
+
+def archive(*args: str, cwd: Path, store: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MODEL_STORE": str(store)}
+    return subprocess.run(["bash", str(ARCHIVE), *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """One archive built from a relative run path, from a folder outside the repository."""
+    base = tmp_path_factory.mktemp("archive")
+    make_tiny_run(base / "run")
+    result = archive("run", "tiny", "1.2", cwd=base, store=base / "store")
+    return base, base / "store" / "tiny-1.2.mar", result
+
+
+def test_archive_writes_name_version_mar(built):
+    base, mar, result = built
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in mar.parent.iterdir()) == ["tiny-1.2.mar"]  # no temp folder left
+    assert result.stdout.strip().splitlines()[-1].startswith(f"archive: {mar} (")
+
+
+def test_manifest_and_contents(built):
+    _, mar, _ = built
+    with zipfile.ZipFile(mar) as z:
+        assert set(z.namelist()) == MAR_FILES
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        assert z.read("preprocessing.py") == (ROOT / "handler" / "preprocessing.py").read_bytes()
+    assert manifest["modelName"] == "tiny" and manifest["modelVersion"] == "1.2"
+    assert manifest["handler"] == "classifier_handler.py" and manifest["serializedFile"] == "model.pt"
+    assert manifest["configFile"] == "model-config.yaml" and config["batchSize"] == 8
+
+
+def test_handler_loaded_from_the_unzipped_mar_answers(built, tmp_path):
+    _, mar, _ = built
+    folder = tmp_path / "unzipped"
+    zipfile.ZipFile(mar).extractall(folder)
+    image = tmp_path / "green.png"
+    image.write_bytes(png_bytes(GREEN))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the repository must not be importable
+    result = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(image)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["repo_package_used"] is False
+    assert Path(report["handler_file"]).parent == folder
+    assert report["batch_code"] == 200
+    good, bad = report["answers"]
+    assert good["status"] == 200 and good["content_type"] == "application/json"
+    assert good["body"][0]["label"] == "class_1" and len(good["body"]) == 3
+    assert bad["status"] == 400 and bad["body"]["code"] == 400 and bad["phrase"] == bad["body"]["error"]
+
+
+def test_refuses_to_overwrite_without_force(built):
+    base, mar, _ = built
+    before = mar.read_bytes()
+    result = archive(str(base / "run"), "tiny", "1.2", cwd=ROOT, store=mar.parent)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {mar} exists; pass --force to overwrite it"
+    assert mar.read_bytes() == before
+    forced = archive(str(base / "run"), "tiny", "1.2", "--force", cwd=ROOT, store=mar.parent)
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in mar.parent.iterdir()) == ["tiny-1.2.mar"]
+
+
+def test_names_every_missing_run_file(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "preprocess.json").write_text("{}")
+    result = archive("run", "tiny", "1", cwd=tmp_path, store=tmp_path / "store")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: missing: run/model.pt run/index_to_name.json"
+    assert not (tmp_path / "store" / "tiny-1.mar").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "tiny"], "expected RUN_DIR NAME VERSION, got 2 argument(s)"),
+    (["run", "tiny", "1", "extra"], "expected RUN_DIR NAME VERSION, got 4 argument(s)"),
+    (["run", "tiny", "1", "--forse"], "unknown option --forse"),
+    (["nowhere", "tiny", "1"], "run folder not found: nowhere"),
+    (["run", "ti/ny", "1"], "NAME 'ti/ny' must be"),
+    (["run", "tiny", "1 0"], "VERSION '1 0' must be"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, args, message):
+    make_tiny_run(tmp_path / "run")
+    result = archive(*args, cwd=tmp_path, store=tmp_path / "store")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_refuses_labels_that_do_not_match_the_model(tmp_path):
+    run = make_tiny_run(tmp_path / "run")
+    (run / "index_to_name.json").write_text(json.dumps({"0": "only_one"}))
+    result = archive("run", "tiny", "1", cwd=tmp_path, store=tmp_path / "store")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "outputs 3 classes but index_to_name.json names 1" in result.stderr
+    assert not (tmp_path / "store" / "tiny-1.mar").exists()
