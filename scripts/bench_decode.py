@@ -27,8 +27,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", type=Path, default=None,
                         help="a JPEG to use instead of the upscaled china.jpg (default: generated)")
     parser.add_argument("--width", type=int, default=4000, help="width of the generated photo (default 4000)")
-    parser.add_argument("--height", type=int, default=3000, help="height of the generated photo (default 3000)")
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated photo (default 90)")
+    parser.add_argument("--height", type=int, default=3000,
+                        help="height of the generated photo (default 3000)")
+    parser.add_argument("--quality", type=int, default=90,
+                        help="JPEG quality of the generated photo (default 90)")
     parser.add_argument("--size", type=int, default=224, help="model input size, square (default 224)")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per path; the median is reported")
     return parser

@@ -110,7 +110,8 @@ def zoo_files() -> dict[str, tuple[bytes, int]]:
         "truncated.jpg": (jpeg[: len(jpeg) * 6 // 10], 400),
         "text.txt": (b"hello, this is a text file and not an image\n", 400),
         "page.html": (b"<!DOCTYPE html><html><body><img src='cat.jpg'></body></html>\n", 400),
-        "document.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n", 400),
+        "document.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n"
+                         b"trailer << /Root 1 0 R >>\n%%EOF\n", 400),
         "huge_40000x40000.png": (png_header_only(40000, 40000), 413),
         # accepted: every colour mode and container the issue names
         "cmyk.jpg": (encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95), 200),

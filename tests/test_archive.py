@@ -29,7 +29,8 @@ sys.path.insert(0, folder)
 import ts
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.model_loader import TsModelLoader
-cache = MetricsCacheYamlImpl(config_file_path=os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml"))
+metrics_yaml = os.path.join(os.path.dirname(ts.__file__), "configs", "metrics.yaml")
+cache = MetricsCacheYamlImpl(config_file_path=metrics_yaml)
 cache.initialize_cache()
 manifest = json.load(open(os.path.join(folder, "MAR-INF", "MANIFEST.json")))
 service = TsModelLoader().load("tiny", folder, manifest["model"]["handler"], None, 8, None, True, cache)
@@ -122,7 +123,8 @@ def test_refuses_to_overwrite_without_force(built):
     base, mar, _ = built
     before = mar.read_bytes()
     result = archive(str(base / "run"), "tiny", "1.2", cwd=ROOT, store=mar.parent)
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {mar} exists; pass --force to overwrite it"
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {mar} exists; pass --force to overwrite it"
     assert mar.read_bytes() == before
     forced = archive(str(base / "run"), "tiny", "1.2", "--force", cwd=ROOT, store=mar.parent)
     assert forced.returncode == 0, forced.stderr

@@ -16,7 +16,8 @@ from handler.preprocessing import BadImage
 def test_settings_defaults_and_values():
     assert parse_settings(None) == HandlerSettings()
     assert parse_settings({"batchSize": 8}) == HandlerSettings(topk=5, precision="fp32", cpu_threads="auto")
-    settings = parse_settings({"handler": {"topk": 2, "max_pixels": 1000, "precision": "fp16", "cpu_threads": 3}})
+    section = {"topk": 2, "max_pixels": 1000, "precision": "fp16", "cpu_threads": 3}
+    settings = parse_settings({"handler": section})
     assert settings == HandlerSettings(topk=2, max_pixels=1000, precision="fp16", cpu_threads=3)
 
 
@@ -37,7 +38,8 @@ def test_bad_settings_are_refused_by_name(section, message):
 
 
 @pytest.mark.parametrize("setting, workers, cores, threads", [
-    ("auto", 1, 16, 16), ("auto", 4, 16, 4), ("auto", 3, 16, 5), ("auto", 4, 2, 1), ("auto", 0, 8, 8), (2, 4, 16, 2),
+    ("auto", 1, 16, 16), ("auto", 4, 16, 4), ("auto", 3, 16, 5), ("auto", 4, 2, 1), ("auto", 0, 8, 8),
+    (2, 4, 16, 2),
 ])
 def test_cpu_threads_keep_workers_times_threads_within_cores(setting, workers, cores, threads):
     assert count_cpu_threads(setting, workers, cores) == threads
@@ -79,7 +81,8 @@ class Recorder(nn.Module):
 
 def test_forward_batch_is_one_channels_last_pass_in_inference_mode():
     model = Recorder(torch.tensor([[0.0, 1.0], [2.0, 2.0]]))
-    probabilities = forward_batch(model, [torch.zeros(3, 4, 5), torch.ones(3, 4, 5)], torch.device("cpu"), False)
+    tensors = [torch.zeros(3, 4, 5), torch.ones(3, 4, 5)]
+    probabilities = forward_batch(model, tensors, torch.device("cpu"), False)
     assert model.seen == {"shape": (2, 3, 4, 5), "dtype": torch.float32, "device": torch.device("cpu"),
                           "channels_last": True, "inference_mode": True}
     expected = torch.tensor([[1 / (1 + torch.e), torch.e / (1 + torch.e)], [0.5, 0.5]])
@@ -94,7 +97,8 @@ def test_forward_batch_on_cuda_pins_copies_and_runs_half(monkeypatch):
     model = Recorder(torch.tensor([[0.0, 1.0]]))
     probabilities = forward_batch(model, [torch.zeros(3, 4, 4)], torch.device("cuda:0"), True)
     assert pinned and model.seen["device"].type == "cuda" and model.seen["dtype"] == torch.float16
-    assert model.seen["channels_last"] and probabilities.dtype == torch.float32 and probabilities.device.type == "cpu"
+    assert model.seen["channels_last"]
+    assert probabilities.dtype == torch.float32 and probabilities.device.type == "cpu"
 
 
 def test_top_k_orders_and_caps_at_the_class_count():

@@ -25,7 +25,8 @@ DIGITS = [str(d) for d in range(10)]
 def build_position_sensitive_net() -> nn.Module:
     """A small conv net of seeded weights whose output depends on where pixels are, not only their mean."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 10)).eval()
+    layers = [nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7 * 7, 10)]  # 16x16 input
+    return nn.Sequential(*layers).eval()
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,8 @@ def test_base64_of_nothing_is_an_empty_body():
 
 
 def test_decode_batch_isolates_failures_and_keeps_positions():
-    items = decode_batch([{"body": PNG}, {"body": b""}, {"body": b"GIF89a broken"}, {"data": PNG}], CFG, 10**6)
+    rows = [{"body": PNG}, {"body": b""}, {"body": b"GIF89a broken"}, {"data": PNG}]
+    items = decode_batch(rows, CFG, 10**6)
     assert [type(i).__name__ for i in items] == ["Tensor", "BadImage", "BadImage", "Tensor"]
     assert torch.equal(items[0], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 4, 4))
     assert items[1].code == 400 and items[2].code == 400
@@ -66,7 +67,8 @@ def test_decode_batch_isolates_failures_and_keeps_positions():
 
 def test_decode_batch_applies_the_pixel_limit():
     items = decode_batch([{"body": png_bytes(RED, (10, 10))}, {"body": PNG}], CFG, max_pixels=99)
-    assert isinstance(items[0], BadImage) and items[0].code == 413 and "over the limit of 99" in items[0].message
+    assert isinstance(items[0], BadImage) and items[0].code == 413
+    assert "over the limit of 99" in items[0].message
     assert isinstance(items[1], torch.Tensor)
 
 
@@ -98,7 +100,8 @@ def test_format_responses_sets_one_status_per_request():
     prediction = [{"label": "a", "index": 0, "probability": 1.0}]
     bodies = format_responses([prediction, BadImage(413, "too\nlarge"), prediction], context)
     assert bodies == [prediction, {"code": 413, "error": "too\nlarge"}, prediction]
-    assert [context.get_response_status(i) for i in range(3)] == [(200, "OK"), (413, "too large"), (200, "OK")]
+    statuses = [context.get_response_status(i) for i in range(3)]
+    assert statuses == [(200, "OK"), (413, "too large"), (200, "OK")]
     assert all(context.get_response_content_type(i) == "application/json" for i in range(3))
     assert error_body(BadImage(400, "x")) == {"code": 400, "error": "x"}
 
