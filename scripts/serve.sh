@@ -31,6 +31,17 @@ port_of() { local v; v=$(prop "$1"); v=${v##*:}; printf '%s\n' "${v%%/*}"; }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 is_torchserve() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -q "$2"; }
 
+explain() {  # the distinct error lines of the workers and the frontend, without timestamps
+    { grep -hE 'Error|Exception|died|[Ff]ailed' "$LOG_DIR/model_log.log" 2>/dev/null
+      grep -hE '\[(WARN|ERROR) ?\]' "$LOG_DIR/ts_log.log" 2>/dev/null; } \
+        | sed -E 's/^[0-9T:,-]+ //' | grep -vE 'nvidia-smi|xpu-smi|InterruptedException|Traceback' \
+        | awk '!seen[$0]++' | tail -n 20 || true
+    if ! kill -0 "$1" 2>/dev/null; then  # the frontend itself exited: its console says why
+        echo "--- TorchServe exited; the end of $LOG_DIR/torchserve.out:"
+        tail -n 15 "$LOG_DIR/torchserve.out"
+    fi
+}
+
 load_state() {
     [ -f "$STATE" ] || return 1
     # shellcheck disable=SC1090
@@ -128,9 +139,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
             --management-url "http://127.0.0.1:$mgmt" --key-file "$key_dir/key_file.json" \
             --timeout "$timeout" --pid "$pid"; then
         echo "error: TorchServe did not become ready (timeout ${timeout}s); the log lines that explain it:" >&2
-        grep -hE 'Error|Exception|Traceback|died|[Ff]ailed|Address already in use' \
-            "$LOG_DIR/model_log.log" "$LOG_DIR/ts_log.log" "$LOG_DIR/torchserve.out" 2>/dev/null \
-            | grep -v 'nvidia-smi\|xpu-smi' | tail -n 25 >&2 || true
+        explain "$pid" >&2
         echo "(full logs: $LOG_DIR)" >&2
         stop >/dev/null 2>&1 || true
         exit 1

@@ -140,10 +140,11 @@ class Keys:
 def request_with_key(session: requests.Session, method: str, url: str, keys: Keys, kind: str,
                      **kwargs) -> requests.Response:
     """Send a request with the `kind` key; on a key rejection refresh it once and resend."""
+    extra = kwargs.pop("headers", None) or {}
     sent = keys.get(kind)
-    response = session.request(method, url, headers=keys.headers(kind), **kwargs)
+    response = session.request(method, url, headers={**extra, **keys.headers(kind)}, **kwargs)
     if is_auth_error(response) and keys.refresh(kind, sent):
-        response = session.request(method, url, headers=keys.headers(kind), **kwargs)
+        response = session.request(method, url, headers={**extra, **keys.headers(kind)}, **kwargs)
     return response
 
 

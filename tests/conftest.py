@@ -1,0 +1,179 @@
+"""Shared fixtures: one real TorchServe (tiny model, free loopback ports) for the whole session."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SERVE = REPO / "scripts" / "serve.sh"
+ARCHIVE = REPO / "scripts" / "archive.sh"
+PYTHON = REPO / ".venv" / "bin" / "python"
+DEFAULT_PORTS = {8080, 8081, 8082, 7070, 7071, 9000}
+PORT_NAMES = ("TS_INFERENCE_PORT", "TS_MANAGEMENT_PORT", "TS_METRICS_PORT",
+              "TS_GRPC_INFERENCE_PORT", "TS_GRPC_MANAGEMENT_PORT", "TS_WORKER_PORT")
+MODEL, VERSION = "tiny", "1.0"
+LABELS = ["red", "green", "blue"]  # TinyNet: class i reacts to channel i
+
+sys.path.insert(0, str(REPO))
+from scripts import tsclient  # noqa: E402
+from tests.tiny_model import make_tiny_run  # noqa: E402
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1, none of TorchServe's defaults."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            port = s.getsockname()[1]
+            if port not in DEFAULT_PORTS and port not in ports:
+                ports.append(port)
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+@dataclass
+class Server:
+    """A TorchServe run by scripts/serve.sh with its own ports, store, logs, TMPDIR and key file."""
+
+    base: Path
+    store: Path
+    run_dir: Path
+    ports: dict[str, int]
+    model: str = MODEL
+    version: str = VERSION
+    mars: list[str] = field(default_factory=list)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.base / "logs"
+
+    @property
+    def key_file(self) -> Path:
+        return self.base / "keys" / "key_file.json"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TS_INFERENCE_PORT']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TS_MANAGEMENT_PORT']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TS_METRICS_PORT']}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "MODEL_STORE"}
+        env.update({k: str(v) for k, v in self.ports.items()})
+        env.update(MODEL_STORE=str(self.store), TS_LOG_DIR=str(self.log_dir),
+                   TS_KEY_DIR=str(self.key_file.parent), TS_START_TIMEOUT="120")
+        env.update(extra)
+        return env
+
+    def serve(self, *args: str, timeout: float = 150, **extra: str) -> subprocess.CompletedProcess:
+        """Run scripts/serve.sh with this server's environment; output captured."""
+        return subprocess.run(["bash", str(SERVE), *args], env=self.env(**extra), cwd=self.base,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> None:
+        result = self.serve("start", *self.mars)
+        assert result.returncode == 0, f"serve.sh start failed:\n{result.stdout}\n{result.stderr}"
+
+    def stop(self) -> None:
+        result = self.serve("stop", timeout=120)
+        assert result.returncode == 0, f"serve.sh stop failed:\n{result.stdout}\n{result.stderr}"
+
+    def pid(self) -> int | None:
+        """The frontend's pid from serve.sh's state file, None when not running."""
+        state = self.log_dir / "serve.state"
+        if not state.exists():
+            return None
+        for line in state.read_text().splitlines():
+            if line.startswith("pid="):
+                return int(line.split("=", 1)[1])
+        return None
+
+    def keys(self) -> tsclient.Keys:
+        return tsclient.Keys(self.key_file, self.management_url)
+
+    def workers(self) -> list[dict]:
+        """The default version's workers from the management API."""
+        return tsclient.describe(self.management_url, self.keys(), self.model, self.version)[0]["workers"]
+
+    def kill(self) -> None:
+        """Last resort after a failed stop: SIGKILL the frontend by its recorded pid."""
+        pid = self.pid()
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
+    """A Server description on six fresh ports (not started)."""
+    (base / "keys").mkdir(parents=True, exist_ok=True)
+    return Server(base=base, store=store, run_dir=run_dir, ports=dict(zip(PORT_NAMES, free_ports(6))),
+                  mars=mars)
+
+
+def archive(run_dir: Path, store: Path, name: str, version: str) -> Path:
+    """scripts/archive.sh into `store`."""
+    env = {**os.environ, "MODEL_STORE": str(store)}
+    result = subprocess.run(["bash", str(ARCHIVE), str(run_dir), name, version, "--force"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"archive.sh failed:\n{result.stdout}\n{result.stderr}"
+    return store / f"{name}-{version}.mar"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder with the tiny model of fixed weights and labels red/green/blue."""
+    return make_tiny_run(tmp_path_factory.mktemp("run"), labels=LABELS)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_run) -> Server:
+    """The session's TorchServe serving tiny 1.0; stopped by pid at the end, even on failure."""
+    if shutil.which("java") is None:
+        pytest.skip("java not found: TorchServe's frontend needs Java >= 11")
+    if not (REPO / ".venv" / "bin" / "torchserve").exists():
+        pytest.skip(".venv/bin/torchserve not found: run `make install`")
+    base = tmp_path_factory.mktemp("ts")
+    store = base / "store"
+    store.mkdir()
+    archive(tiny_run, store, MODEL, VERSION)
+    srv = make_server(base, store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
+    try:
+        srv.start()
+        yield srv
+    finally:
+        try:
+            srv.stop()
+        except (AssertionError, subprocess.TimeoutExpired):
+            srv.kill()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
