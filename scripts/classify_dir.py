@@ -206,8 +206,9 @@ def error_row(row: dict, message: str, http_status: int | None) -> dict:
 class RowWriter:
     """Appends rows to JSONL or CSV, one flush per row."""
 
-    def __init__(self, path: Path, fields: tuple[str, ...], append: bool):
-        self.fields, self.csv = fields, path.suffix.lower() == ".csv"
+    def __init__(self, path: Path, fields: tuple[str, ...], append: bool, as_csv: bool | None = None):
+        self.fields = fields
+        self.csv = path.suffix.lower() == ".csv" if as_csv is None else as_csv
         exists = append and path.exists() and path.stat().st_size > 0
         # surrogateescape: a file name that is not valid UTF-8 is written back byte for byte
         self.file = open(path, "a" if append else "w", encoding="utf-8", newline="",
@@ -263,7 +264,7 @@ def keep_finished_rows(path: Path, fields: tuple[str, ...], stats: "Stats") -> s
     if not path.exists():
         return done
     partial = path.with_name(path.name + ".resume-tmp")
-    writer = RowWriter(partial, fields, append=False)
+    writer = RowWriter(partial, fields, append=False, as_csv=path.suffix.lower() == ".csv")
     try:
         for row in read_rows(path):
             if row.get("status") == "ok" and isinstance(row.get("path"), str) and row["path"] not in done:
@@ -396,6 +397,9 @@ def wait_for_server(url: str, keys: tsclient.Keys, retries: int) -> None:
         if why is None:
             return
         if "InvalidKeyException" in why:
+            if not keys.key_file.exists():
+                raise Fatal(f"the server at {url} wants a key and there is no {keys.key_file}; "
+                            f"pass the server's key_file.json with --token-file")
             raise Fatal(f"the server at {url} refused the inference key from {keys.key_file}; "
                         f"pass the server's key_file.json with --token-file")
         if attempt < retries:
