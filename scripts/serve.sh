@@ -8,7 +8,8 @@
 # Environment, so that a second server can run beside the first (defaults from config.properties):
 #   TS_INFERENCE_PORT TS_MANAGEMENT_PORT TS_METRICS_PORT TS_GRPC_INFERENCE_PORT
 #   TS_GRPC_MANAGEMENT_PORT TS_WORKER_PORT   MODEL_STORE [model_store/]
-#   TS_LOG_DIR [logs/]: logs, the derived config, the pid and TMPDIR (one folder per server)
+#   TS_LOG_DIR [logs/]: logs, the derived config and the state (pid, ports) of one server
+#   TS_TMPDIR [$TS_LOG_DIR/tmp]: TMPDIR of torchserve (its pid file) and its workers' sockets
 #   TS_KEY_DIR [repository root]: where torchserve runs, so where key_file.json is written
 #   TS_START_TIMEOUT [180] seconds `start` waits;  TS_CONFIG [config.properties]
 set -euo pipefail
@@ -79,8 +80,12 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     store=$(cd "$store" && pwd)
     [[ "$store" != *'\'* && "$store" != *'\E'* ]] || die "model store path must not contain a backslash: $store"
     key_dir=$(abs "${TS_KEY_DIR:-$REPO}")
-    mkdir -p "$key_dir" "$LOG_DIR/tmp"
+    local tmp
+    tmp=$(abs "${TS_TMPDIR:-$LOG_DIR/tmp}")
+    mkdir -p "$key_dir" "$tmp" "$LOG_DIR"
     key_dir=$(cd "$key_dir" && pwd)
+    # Workers listen on Unix sockets $tmp/.ts.sock.PORT, and a socket path has at most 107 bytes.
+    [ "${#tmp}" -le 80 ] || die "TMPDIR path too long for Unix sockets (${#tmp} > 80 bytes): $tmp; set TS_TMPDIR"
 
     local models=() mar
     for mar in "$@"; do  # a file name in the store, or a path to a file inside the store
@@ -108,7 +113,6 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     } >"$derived"
 
     rm -f "$key_dir/key_file.json"  # a stale file would hold the keys of a dead server
-    local tmp="$LOG_DIR/tmp"
     rm -f "$tmp/.model_server.pid"
     (
         cd "$key_dir"  # torchserve writes key_file.json in its working folder
@@ -130,6 +134,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
         printf 'metrics_url=%q\n' "http://127.0.0.1:$metrics"
         printf 'key_file=%q\n' "$key_dir/key_file.json"
         printf 'store=%q\n' "$store"
+        printf 'tmp=%q\n' "$tmp"
     } >"$STATE"
 
     local timeout=${TS_START_TIMEOUT:-180}
@@ -175,7 +180,7 @@ stop() {
         sleep 0.25
     done
     [ -z "$busy" ] || die "ports still in use after stopping pid $pid:$busy" 1
-    rm -f "$STATE" "$LOG_DIR/tmp/.model_server.pid" "$key_file"
+    rm -f "$STATE" "${tmp:-$LOG_DIR/tmp}/.model_server.pid" "$key_file"
     echo "serve: stopped pid $pid; ports $ports are free"
 }
 

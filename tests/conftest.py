@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class Server:
     model: str = MODEL
     version: str = VERSION
     mars: list[str] = field(default_factory=list)
+    tmpdir: Path | None = None  # TMPDIR of the server; short, since it holds the workers' Unix sockets
 
     @property
     def log_dir(self) -> Path:
@@ -81,7 +83,8 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "MODEL_STORE"}
         env.update({k: str(v) for k, v in self.ports.items()})
         env.update(MODEL_STORE=str(self.store), TS_LOG_DIR=str(self.log_dir),
-                   TS_KEY_DIR=str(self.key_file.parent), TS_START_TIMEOUT="120")
+                   TS_KEY_DIR=str(self.key_file.parent), TS_START_TIMEOUT="120",
+                   TS_TMPDIR=str(self.tmpdir or self.log_dir / "tmp"))
         env.update(extra)
         return env
 
@@ -115,6 +118,11 @@ class Server:
         """The default version's workers from the management API."""
         return tsclient.describe(self.management_url, self.keys(), self.model, self.version)[0]["workers"]
 
+    def remove_tmpdir(self) -> None:
+        """Remove a TMPDIR made outside `base` (after the server stopped)."""
+        if self.tmpdir and self.base not in self.tmpdir.parents:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
     def kill(self) -> None:
         """Last resort after a failed stop: SIGKILL the frontend by its recorded pid."""
         pid = self.pid()
@@ -128,8 +136,11 @@ class Server:
 def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
     """A Server description on six fresh ports (not started)."""
     (base / "keys").mkdir(parents=True, exist_ok=True)
+    tmpdir = base / "logs" / "tmp"
+    if len(str(tmpdir)) > 70 and Path("/tmp").is_dir():  # a Unix socket path has at most 107 bytes
+        tmpdir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
     return Server(base=base, store=store, run_dir=run_dir, ports=dict(zip(PORT_NAMES, free_ports(6))),
-                  mars=mars)
+                  mars=mars, tmpdir=tmpdir)
 
 
 def archive(run_dir: Path, store: Path, name: str, version: str) -> Path:
@@ -167,6 +178,7 @@ def server(tmp_path_factory, tiny_run) -> Server:
             srv.stop()
         except (AssertionError, subprocess.TimeoutExpired):
             srv.kill()
+        srv.remove_tmpdir()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:

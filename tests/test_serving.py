@@ -164,7 +164,12 @@ def test_start_times_out_with_the_log_lines_that_explain_it(server, tmp_path):
     subprocess.run([str(REPO / ".venv/bin/torch-model-archiver"), "--model-name", "broken", "--version", "1",
                     "--handler", str(handler), "--export-path", str(store)], check=True, timeout=60)
     broken = make_server(tmp_path / "srv", store, server.run_dir, ["broken.mar"])
-    result = broken.serve("start", "broken.mar", TS_START_TIMEOUT="5")
+    try:
+        result = broken.serve("start", "broken.mar", TS_START_TIMEOUT="5")
+    finally:
+        if broken.pid() is not None:
+            broken.kill()
+        broken.remove_tmpdir()
     assert result.returncode == 1
     assert "module_that_does_not_exist" in result.stderr or "ModuleNotFoundError" in result.stderr
     assert "did not become ready" in result.stderr
