@@ -41,7 +41,7 @@ FIELDS = ("path", "status", "label", "probability", "topk", "error", "http_statu
           "model_version", "latency_ms")
 MAX_BACKOFF_S = 8.0
 KEY_REFRESHES = 3  # per file: a rotated key is renewed, a wrong one is not renewed forever
-VERSION_TTL_S = 0.5  # how stale the default version may be when the server does not say it
+VERSION_RETRY_S = 5.0  # after a failed default-version lookup, reuse the last answer this long
 
 
 class Fatal(UserError):
@@ -86,25 +86,36 @@ def iter_files(root: Path, extensions: set[str], recursive: bool = True,
 
 
 class VersionTracker:
-    """The version that answered: --version, else the default from the management API (cached)."""
+    """The version that answered when the server does not say (no X-Model-Version header).
+
+    --version pins it. Otherwise the management API's default version, looked up again
+    whenever the last lookup was sent before the request was: a request sent after a
+    set-default is labelled with the new version; only one in flight across the switch
+    can be labelled new while the old version answered it. Lookups are shared between
+    threads, so it costs about one per batch of answers.
+    """
 
     def __init__(self, management_url: str, keys: tsclient.Keys, model: str, pinned: str | None):
         self.management_url, self.keys, self.model, self.pinned = management_url, keys, model, pinned
         self._lock = threading.Lock()
         self._value: str | None = pinned
-        self._checked = 0.0
+        self._looked_at = float("-inf")  # when the last lookup was sent (time.monotonic)
+        self._session = tsclient.new_session(1)
 
-    def current(self) -> str | None:
-        """The pinned version, or the default version checked at most VERSION_TTL_S ago."""
+    def version_for(self, sent_at: float) -> str | None:
+        """The version for a request sent at `sent_at` (time.monotonic)."""
         if self.pinned:
             return self.pinned
         with self._lock:
-            if time.monotonic() - self._checked > VERSION_TTL_S:
+            if self._looked_at < sent_at:
+                looked_at = time.monotonic()
                 try:
-                    self._value = tsclient.default_version(self.management_url, self.keys, self.model)
+                    self._value = tsclient.default_version(self.management_url, self.keys, self.model,
+                                                           self._session)
+                    self._looked_at = looked_at
                 except (requests.RequestException, ValueError, tsclient.KeyRejected) as e:
                     logger.debug("default version unknown: %s", e)
-                self._checked = time.monotonic()
+                    self._looked_at = looked_at + VERSION_RETRY_S  # do not ask once per answer
             return self._value
 
 
@@ -135,7 +146,7 @@ class Classifier:
         while not self.abort.is_set():
             key = self.keys.get("inference")
             headers = {"Content-Type": "application/octet-stream", **self.keys.headers("inference")}
-            started = time.perf_counter()
+            started, sent_at = time.perf_counter(), time.monotonic()
             try:
                 response = self._session().post(self.endpoint, data=data, headers=headers,
                                                 timeout=self.timeout)
@@ -163,7 +174,7 @@ class Classifier:
                     raise Fatal(f"server unreachable at {self.endpoint} after {self.retries} retries")
                 return error_row(row, f"no answer within {self.timeout:g}s "
                                       f"(tried {attempt + 1} times)", None), reason
-            row["model_version"] = response.headers.get("X-Model-Version") or self.versions.current()
+            row["model_version"] = response.headers.get("X-Model-Version") or self.versions.version_for(sent_at)
             if response.status_code == 200:
                 try:
                     return ok_row(row, response.json(), self.topk), None
