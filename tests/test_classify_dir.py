@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from scripts import classify_dir, tsclient
-from tests.conftest import PYTHON, REPO, free_ports, wait_for
+from tests.conftest import PYTHON, REPO, archive, free_ports, wait_for
 from tests.image_zoo import write_zoo
 
 CLIENT = REPO / "scripts" / "classify_dir.py"
@@ -309,3 +309,28 @@ def test_client_with_retries_rides_through_a_server_restart(server, many, tmp_pa
     # a request in flight when the frontend shut down may have been answered with an error
     assert proc.returncode in (0, 1), stderr
     assert len(failed) <= 2, failed
+
+
+@pytest.mark.integration
+def test_rows_report_the_version_that_was_default_when_sent(server, tmp_path):
+    root = tmp_path / "imgs"
+    write_images(root, 6)
+    archive(server.run_dir, server.store, server.model, "2.0")
+    session, keys = tsclient.new_session(), server.keys()
+
+    def manage(method: str, path: str, **params):
+        response = tsclient.request_with_key(session, method, f"{server.management_url}{path}", keys,
+                                             "management", params=params, timeout=60)
+        assert response.status_code == 200, response.text
+
+    manage("POST", "/models", url="tiny-2.0.mar", initial_workers="1", synchronous="true")
+    try:
+        manage("PUT", "/models/tiny/2.0/set-default")
+        result = run_client(server, root, tmp_path / "v2.jsonl")
+        assert result.returncode == 0, result.stderr
+        assert {r["model_version"] for r in read_rows(tmp_path / "v2.jsonl")} == {"2.0"}
+        pinned = run_client(server, root, tmp_path / "v1.jsonl", "--version", "1.0")
+        assert {r["model_version"] for r in read_rows(tmp_path / "v1.jsonl")} == {"1.0"}, pinned.stderr
+    finally:
+        manage("PUT", "/models/tiny/1.0/set-default")
+        manage("DELETE", "/models/tiny/2.0")
