@@ -32,9 +32,12 @@ port_of() { local v; v=$(prop "$1"); v=${v##*:}; printf '%s\n' "${v%%/*}"; }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 is_torchserve() { [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' <"/proc/$1/cmdline" | grep -q "$2"; }
 
-explain() {  # the distinct error lines of the workers and the frontend, without timestamps
-    { grep -hE 'Error|Exception|died|[Ff]ailed' "$LOG_DIR/model_log.log" 2>/dev/null
-      grep -hE '\[(WARN|ERROR) ?\]' "$LOG_DIR/ts_log.log" 2>/dev/null; } \
+size_of() { stat -c %s "$1" 2>/dev/null || echo 0; }
+since() { tail -c "+$(($2 + 1))" "$1" 2>/dev/null || true; }  # a log's lines written after offset $2
+
+explain() {  # this start's distinct error lines of the workers and the frontend, without timestamps
+    { since "$LOG_DIR/model_log.log" "$model_log_offset" | grep -E 'Error|Exception|died|[Ff]ailed'
+      since "$LOG_DIR/ts_log.log" "$ts_log_offset" | grep -E '\[(WARN|ERROR) ?\]'; } \
         | sed -E 's/^[0-9T:,-]+ //' | grep -vE 'nvidia-smi|xpu-smi|InterruptedException|Traceback' \
         | awk '!seen[$0]++' | tail -n 20 || true
     if ! kill -0 "$1" 2>/dev/null; then  # the frontend itself exited: its console says why
@@ -114,6 +117,8 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
 
     rm -f "$key_dir/key_file.json"  # a stale file would hold the keys of a dead server
     rm -f "$tmp/.model_server.pid"
+    model_log_offset=$(size_of "$LOG_DIR/model_log.log")  # logs are appended across starts
+    ts_log_offset=$(size_of "$LOG_DIR/ts_log.log")
     (
         cd "$key_dir"  # torchserve writes key_file.json in its working folder
         # TMPDIR: the pid file torchserve checks; TEMP: java.io.tmpdir (worker sockets, unpacked .mar).
@@ -143,7 +148,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     if ! "$PY" "$REPO/scripts/tsclient.py" wait --url "http://127.0.0.1:$http" \
             --management-url "http://127.0.0.1:$mgmt" --key-file "$key_dir/key_file.json" \
             --timeout "$timeout" --pid "$pid"; then
-        echo "error: TorchServe did not become ready (timeout ${timeout}s); the log lines that explain it:" >&2
+        echo "error: TorchServe did not become ready (it exited, or ${timeout}s passed); the log lines that explain it:" >&2
         explain "$pid" >&2
         echo "(full logs: $LOG_DIR)" >&2
         stop >/dev/null 2>&1 || true
