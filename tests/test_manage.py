@@ -214,7 +214,7 @@ def test_rollout_under_load_loses_no_request(mserver, tmp_path):
     output = tmp_path / "rows.jsonl"
     client = subprocess.Popen(
         [str(PYTHON), str(CLIENT), str(images), "--model", "tiny", "--class-folders", "--output", str(output),
-         "--concurrency", str(CONCURRENCY), *server_flags(srv)],
+         "--concurrency", str(CONCURRENCY), "--retries", "0", "--timeout", "30", *server_flags(srv)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rollout = None
     try:
@@ -238,7 +238,7 @@ def test_rollout_under_load_loses_no_request(mserver, tmp_path):
                 proc.wait()
     assert rollout_rc == 0, "".join(log) + rollout.stderr.read()
     assert "tiny 1 -> 2" in log[-1] and "12/12 smoke images ok, accuracy 1.0000" in log[-1]
-    assert client.returncode == 0, err
+    assert client.returncode == 0, out + err
     assert load_running_after_rollout, "the load ended before v1 was unregistered: nothing was tested"
 
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
