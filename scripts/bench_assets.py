@@ -1,0 +1,272 @@
+"""What scripts/benchmark.py measures with: a model run, two image sets, captum, .mar files, servers.
+
+Everything is made under bench/ (git-ignored) and reused when it is already there, so a
+second `make bench` spends its time measuring. Nothing is downloaded except captum, which
+TorchServe's stock image_classifier handler imports; it goes into bench/site, never .venv.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the repository's packages importable
+    sys.path.insert(0, str(ROOT))
+
+from handler.preprocessing import PreprocessConfig  # noqa: E402
+
+PYTHON = ROOT / ".venv" / "bin" / "python"
+ARCHIVER = ROOT / ".venv" / "bin" / "torch-model-archiver"
+SERVE = ROOT / "scripts" / "serve.sh"
+CAPTUM = "captum==0.9.0"  # imported by ts/torch_handler/vision_handler.py; pure Python
+HANDLER_FILES = ("classifier_handler.py", "preprocessing.py", "request_decoding.py", "batch_inference.py",
+                 "model-config.yaml")
+DEFAULT_PORTS = {8080, 8081, 8082, 7070, 7071, 9000}  # a demo server's; never take them
+PORT_NAMES = ("TS_INFERENCE_PORT", "TS_MANAGEMENT_PORT", "TS_METRICS_PORT",
+              "TS_GRPC_INFERENCE_PORT", "TS_GRPC_MANAGEMENT_PORT", "TS_WORKER_PORT")
+PHOTO_SOURCES = ("china.jpg", "flower.jpg")  # scikit-learn's bundled photos, 640x427
+PHOTO_NOISE = 4.0  # sensor-like grain (std, 0-255): a smooth upscale would compress far below a camera's
+
+
+def _stamp_matches(folder: Path, settings: dict) -> bool:
+    stamp = folder / ".settings.json"
+    return stamp.is_file() and json.loads(stamp.read_text()) == settings
+
+
+def _write_stamp(folder: Path, settings: dict) -> None:
+    (folder / ".settings.json").write_text(json.dumps(settings, sort_keys=True) + "\n")
+
+
+def make_run(run_dir: Path, arch: str, image_size: int, num_classes: int, seed: int) -> Path:
+    """model.pt (random fixed-seed weights, verified TorchScript), labels and preprocess.json."""
+    import torch
+
+    from training.export import export_torchscript
+    from training.model import build_model
+
+    settings = {"arch": arch, "image_size": image_size, "num_classes": num_classes, "seed": seed}
+    if _stamp_matches(run_dir, settings):
+        return run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(seed)
+    export_torchscript(build_model(arch, num_classes), run_dir / "model.pt", (image_size, image_size))
+    labels = {str(i): str(i) for i in range(num_classes)}  # the digits' names, for both handlers
+    (run_dir / "index_to_name.json").write_text(json.dumps(labels, indent=2) + "\n")
+    PreprocessConfig(image_size=(image_size, image_size)).save(run_dir / "preprocess.json")
+    _write_stamp(run_dir, settings)
+    return run_dir
+
+
+def _fresh_folder(folder: Path, settings: dict) -> Path | None:
+    """None when `folder` already holds this set; else an empty folder to write it into."""
+    if _stamp_matches(folder, settings):
+        return None
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def make_png_set(folder: Path, count: int) -> list[Path]:
+    """`count` of scikit-learn's handwritten digits as 32x32 RGB PNGs.
+
+    RGB, not the digits' grayscale: the stock handler feeds the decoded mode straight to
+    ToTensor, so a 1-channel PNG would fail in the model; ours converts any mode.
+    """
+    from training.sample_data import write_digits
+
+    settings = {"kind": "png", "count": count, "size": 32}
+    if _fresh_folder(folder, settings) is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_digits(tmp, size=32, limit=count)
+            for i, path in enumerate(sorted(Path(tmp).rglob("*.png"))):
+                Image.open(path).convert("RGB").save(folder / f"digit_{path.parent.name}_{i:04d}.png")
+        _write_stamp(folder, settings)
+    return sorted(folder.glob("*.png"))
+
+
+def make_photo_set(folder: Path, count: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
+    """`count` camera-size JPEGs (q90) from scikit-learn's sample photos: crop, flip, upscale, grain."""
+    from sklearn.datasets import load_sample_image
+
+    width, height = size
+    settings = {"kind": "photo", "count": count, "size": [width, height], "seed": seed, "noise": PHOTO_NOISE}
+    if _fresh_folder(folder, settings) is not None:
+        rng = np.random.default_rng(seed)
+        sources = [Image.fromarray(load_sample_image(name)) for name in PHOTO_SOURCES]
+        for i in range(count):
+            img = sources[i % len(sources)]
+            scale = rng.uniform(0.7, 1.0)  # a different crop for every file
+            w, h = int(img.width * scale), int(img.height * scale)
+            left, top = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+            img = img.crop((left, top, left + w, top + h))
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            pixels = np.asarray(img.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+            pixels += rng.normal(0.0, PHOTO_NOISE, size=(height, width, 1)).astype(np.float32)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                folder / f"photo_{i:03d}.jpg", "JPEG", quality=90)
+        _write_stamp(folder, settings)
+    return sorted(folder.glob("*.jpg"))
+
+
+def ensure_captum(site: Path) -> Path:
+    """captum in `site` (a --target folder for the stock server's PYTHONPATH), installed once."""
+    if (site / "captum" / "__init__.py").is_file() and _stamp_matches(site, {"captum": CAPTUM}):
+        return site
+    shutil.rmtree(site, ignore_errors=True)
+    site.mkdir(parents=True)
+    # --no-deps: its dependencies (torch, numpy, matplotlib, tqdm) are in .venv already.
+    # PIP_CONFIG_FILE=/dev/null as in scripts/install.sh: a machine-wide constraint must not apply.
+    subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    "--no-deps", "--target", str(site), CAPTUM],
+                   check=True, env={**os.environ, "PIP_CONFIG_FILE": "/dev/null"})
+    _write_stamp(site, {"captum": CAPTUM})
+    return site
+
+
+def archive_project(run_dir: Path, store: Path, name: str, version: str = "1.0") -> str:
+    """This project's .mar, made by scripts/archive.sh exactly as users make it."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(run_dir), name, version, "--force"],
+                   check=True, env={**os.environ, "MODEL_STORE": str(store)}, stdout=subprocess.DEVNULL)
+    return f"{name}-{version}.mar"
+
+
+def archive_stock(run_dir: Path, store: Path, name: str, version: str = "1.0") -> str:
+    """TorchServe's stock image_classifier handler on the same model.pt and labels (batch size 1)."""
+    with tempfile.TemporaryDirectory(dir=store) as work:
+        subprocess.run([str(ARCHIVER), "--model-name", name, "--version", version,
+                        "--serialized-file", str(run_dir / "model.pt"), "--handler", "image_classifier",
+                        "--extra-files", str(run_dir / "index_to_name.json"), "--export-path", work],
+                       check=True)
+        os.replace(Path(work) / f"{name}.mar", store / f"{name}-{version}.mar")
+    return f"{name}-{version}.mar"
+
+
+def handler_files_at(revision: str, folder: Path) -> Path:
+    """The handler files as they were at a git revision (to measure a change against its parent)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in HANDLER_FILES:
+        data = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:handler/{name}"],
+                              check=True, capture_output=True).stdout
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def archive_variant(run_dir: Path, store: Path, name: str, handler_dir: Path,
+                    model_config: dict[str, object]) -> str:
+    """A .mar like archive.sh's from `handler_dir`, with model-config.yaml keys overridden."""
+    import yaml
+
+    config = yaml.safe_load((handler_dir / "model-config.yaml").read_text()) or {}
+    for key, value in model_config.items():  # "handler.cpu_threads" sets a key of the handler section
+        section, _, leaf = key.rpartition(".")
+        (config.setdefault(section, {}) if section else config)[leaf] = value
+    with tempfile.TemporaryDirectory(dir=store) as work:
+        (Path(work) / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        extra = [str(handler_dir / f) for f in HANDLER_FILES[1:4]]
+        extra += [str(run_dir / "index_to_name.json"), str(run_dir / "preprocess.json")]
+        subprocess.run([str(ARCHIVER), "--model-name", name, "--version", "1.0",
+                        "--serialized-file", str(run_dir / "model.pt"),
+                        "--handler", str(handler_dir / HANDLER_FILES[0]), "--extra-files", ",".join(extra),
+                        "--config-file", str(Path(work) / "model-config.yaml"), "--export-path", work],
+                       check=True)
+        os.replace(Path(work) / f"{name}.mar", store / f"{name}-1.0.mar")
+    return f"{name}-1.0.mar"
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1, none of TorchServe's defaults (as tests/conftest.py)."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            port = s.getsockname()[1]
+            if port not in DEFAULT_PORTS and port not in ports:
+                ports.append(port)
+    finally:
+        for s in sockets:
+            s.close()
+    return ports
+
+
+class Server:
+    """A TorchServe started by scripts/serve.sh on free loopback ports with its own logs and TMPDIR."""
+
+    def __init__(self, base: Path, store: Path, mars: list[str], env: dict[str, str] | None = None,
+                 config: Path | None = None):
+        self.base, self.store, self.mars = base, store, mars
+        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+        self.extra_env, self.config = dict(env or {}), config
+        self.tmpdir = base / "logs" / "tmp"
+        if len(str(self.tmpdir)) > 70:  # the workers' Unix socket paths must stay under 108 bytes
+            self.tmpdir = Path(tempfile.mkdtemp(prefix="tsb-", dir="/tmp"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TS_INFERENCE_PORT']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TS_MANAGEMENT_PORT']}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.base / "keys" / "key_file.json"
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "MODEL_STORE"}
+        env.update({k: str(v) for k, v in self.ports.items()})
+        env.update(MODEL_STORE=str(self.store), TS_LOG_DIR=str(self.base / "logs"),
+                   TS_KEY_DIR=str(self.key_file.parent), TS_TMPDIR=str(self.tmpdir), TS_START_TIMEOUT="180")
+        if self.config:
+            env["TS_CONFIG"] = str(self.config)
+        env.update(self.extra_env)
+        return env
+
+    def _serve(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SERVE), *args], env=self._env(), capture_output=True, text=True,
+                              timeout=240)
+
+    def start(self) -> None:
+        """serve.sh start; raises with serve.sh's explanation when it fails."""
+        self.key_file.parent.mkdir(parents=True, exist_ok=True)
+        result = self._serve("start", *self.mars)
+        if result.returncode != 0:
+            raise RuntimeError(f"serve.sh start {' '.join(self.mars)} failed:\n{result.stdout}{result.stderr}")
+
+    def pid(self) -> int | None:
+        state = self.base / "logs" / "serve.state"
+        for line in state.read_text().splitlines() if state.exists() else []:
+            if line.startswith("pid="):
+                return int(line.split("=", 1)[1])
+        return None
+
+    def stop(self) -> None:
+        """serve.sh stop (by the pid it recorded); SIGKILL that pid if the stop fails."""
+        pid = self.pid()
+        try:
+            result = self._serve("stop")
+            failed = result.returncode != 0
+        except subprocess.TimeoutExpired:
+            failed = True
+        if failed and pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.base not in self.tmpdir.parents:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
