@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +71,8 @@ class Client:
             raise UserError(f"--token-file not found: {args.token_file}")
         self.keys = tsclient.Keys(args.token_file, self.management_url)
         self.timeout = args.timeout
-        self.session = tsclient.new_session(pool_size=16)
+        self.session = tsclient.new_session()
+        self._local = threading.local()  # the smoke test's threads: one keep-alive session each
 
     def call(self, method: str, path: str, what: str, ok_404: bool = False, **params) -> object:
         """One management request -> its JSON body; Refused with the server's message on an error."""
@@ -85,8 +87,11 @@ class Client:
         except requests.Timeout:
             raise Refused(f"{what}: no answer within {self.timeout:g}s") from None
         if tsclient.is_auth_error(response):
-            raise UserError(f"the management API refused the key from {self.keys.key_file}; pass the "
-                            f"server's key_file.json with --token-file")
+            if not self.keys.key_file.is_file():
+                raise UserError(f"the server wants a key and there is no {self.keys.key_file}; pass the "
+                                f"server's key_file.json with --token-file")
+            raise UserError(f"the management API refused the key from {self.keys.key_file} and no fresh "
+                            f"one could be had; pass the server's key_file.json with --token-file")
         if response.status_code == 404 and ok_404:
             return None
         if response.status_code >= 400:
@@ -117,7 +122,9 @@ class Client:
 
     def predict(self, name: str, version: str, data: bytes) -> requests.Response:
         """POST one image to /predictions/NAME/VERSION with the inference key."""
-        return tsclient.request_with_key(self.session, "POST", f"{self.url}/predictions/{name}/{version}",
+        if not hasattr(self._local, "session"):
+            self._local.session = tsclient.new_session(1)
+        return tsclient.request_with_key(self._local.session, "POST", f"{self.url}/predictions/{name}/{version}",
                                          self.keys, "inference", data=data, timeout=self.timeout,
                                          headers={"Content-Type": "application/octet-stream"})
 

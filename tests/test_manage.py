@@ -295,3 +295,23 @@ def test_failed_rollout_leaves_v1_default_and_removes_v2(guard, tmp_path, case):
     assert set(versions(srv, "guard")) == {"1"} and default(srv, "guard") == "1"
     answer = predict(srv, "guard", "green")
     assert answer.status_code == 200 and answer.json()[0]["label"] == "green"
+
+
+def test_expired_management_key_is_renewed_with_the_api_key(mserver):
+    srv = mserver
+    keys = json.loads(srv.key_file.read_text())
+    api_key = keys["API"]["key"]
+    keys["management"]["key"] = "expired0"  # what a key older than 60 minutes amounts to
+    srv.key_file.write_text(json.dumps(keys))
+    result = run_manage(srv, "list")
+    assert result.returncode == 0, result.stderr
+    keys = json.loads(srv.key_file.read_text())
+    assert keys["management"]["key"] != "expired0"  # TorchServe wrote a fresh key into its key file
+    try:  # with a wrong API key too, nothing can renew it: one line, exit code 2
+        srv.key_file.write_text(json.dumps({**keys, "management": {"key": "expired0"},
+                                            "API": {"key": "wrongapi"}}))
+        result = run_manage(srv, "list")
+        assert result.returncode == 2 and "refused the key" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    finally:
+        srv.key_file.write_text(json.dumps({**keys, "API": {"key": api_key}}))
