@@ -170,6 +170,10 @@ def register(client: Client, mar: Path, workers: int | None, batch_size: int | N
             raise Refused(f"{e} (the server's model store has no {mar.name}: is --model-store the "
                           f"store it serves?)") from None
         raise
+    entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
+    if workers and entry.get("minWorkers") != workers:  # the archive's maxWorkers caps initial_workers
+        client.call("PUT", f"/models/{name}/{version}", f"scale {name} {version}", min_worker=workers,
+                    max_worker=max(workers, int(entry.get("maxWorkers") or 0)), synchronous="true")
     return name, version
 
 

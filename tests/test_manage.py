@@ -160,11 +160,14 @@ def test_register_describe_scale_set_default_unregister_round_trip(mserver, tmp_
 
     # name and version come from the manifest, whatever the file is called
     clone_mar(srv.source_mar, srv.store / "renamed.mar", "trip", "2")
-    result = run_manage(srv, "register", "renamed.mar", "--batch-size", "4", "--max-batch-delay", "20")
+    # --workers 2 although the archive's model-config.yaml caps the workers at 1
+    result = run_manage(srv, "register", "renamed.mar", "--workers", "2", "--batch-size", "4",
+                        "--max-batch-delay", "20")
     assert result.returncode == 0, result.stderr
     both = versions(srv, "trip")
     assert set(both) == {"1", "2"} and default(srv, "trip") == "1"
     assert (both["2"]["batchSize"], both["2"]["maxBatchDelay"]) == (4, 20)
+    assert [w["status"] for w in both["2"]["workers"]] == ["READY", "READY"]
 
     result = run_manage(srv, "list")
     assert result.returncode == 0
@@ -177,11 +180,13 @@ def test_register_describe_scale_set_default_unregister_round_trip(mserver, tmp_
     result = run_manage(srv, "describe", "nosuchmodel")
     assert result.returncode == 1 and "nosuchmodel" in result.stderr and "404" in result.stderr
 
-    result = run_manage(srv, "scale", "trip", "2", "--min", "2", "--max", "2")
-    assert result.returncode == 0, result.stderr
-    assert [w["status"] for w in versions(srv, "trip")["2"]["workers"]] == ["READY", "READY"]
     result = run_manage(srv, "scale", "trip", "2", "--min", "1")
-    assert result.returncode == 0 and len(versions(srv, "trip")["2"]["workers"]) == 1
+    assert result.returncode == 0, result.stderr
+    assert len(versions(srv, "trip")["2"]["workers"]) == 1
+    result = run_manage(srv, "scale", "trip", "--min", "1", "--max", "3")  # the default version
+    assert result.returncode == 0 and "scale: trip 1 (default): workers 1 READY (min 1, max 3)" in result.stdout
+    result = run_manage(srv, "scale", "trip", "--min", "2", "--max", "1")
+    assert result.returncode == 2 and "0 <= --min <= --max" in result.stderr
 
     result = run_manage(srv, "set-default", "trip", "2")
     assert result.returncode == 0 and default(srv, "trip") == "2"
