@@ -174,7 +174,8 @@ class Classifier:
                     raise Fatal(f"server unreachable at {self.endpoint} after {self.retries} retries")
                 return error_row(row, f"no answer within {self.timeout:g}s "
                                       f"(tried {attempt + 1} times)", None), reason
-            row["model_version"] = response.headers.get("X-Model-Version") or self.versions.version_for(sent_at)
+            row["model_version"] = (response.headers.get("X-Model-Version")
+                                    or self.versions.version_for(sent_at))
             if response.status_code == 200:
                 try:
                     return ok_row(row, response.json(), self.topk), None
@@ -333,7 +334,8 @@ def report_class_metrics(stats: Stats, png: Path) -> str:
     classified = sum(stats.confusion.values())
     correct = sum(n for (t, p), n in stats.confusion.items() if t == p)
     labelled = sum(stats.true_counts.values())
-    labels = sorted({t for t, _ in stats.confusion} | {p for _, p in stats.confusion} | set(stats.true_counts))
+    labels = sorted({t for t, _ in stats.confusion} | {p for _, p in stats.confusion}
+                    | set(stats.true_counts))
     lines = [f"accuracy {correct / max(1, classified):.4f} ({correct}/{classified} classified files), "
              f"error rate {stats.errors_with_label / max(1, labelled):.4f} "
              f"({stats.errors_with_label}/{labelled} files failed)",
@@ -385,7 +387,8 @@ def resolve_model(args, management_url: str, keys: tsclient.Keys) -> str:
         if args.model is None:
             names = tsclient.list_models(management_url, keys)
             if len(names) != 1:
-                raise UserError(f"pass --model: the server has {len(names)} models ({', '.join(names) or 'none'})")
+                raise UserError(f"pass --model: the server has {len(names)} models "
+                                f"({', '.join(names) or 'none'})")
             return names[0]
         versions = [v["modelVersion"] for v in tsclient.describe(management_url, keys, args.model)]
     except (requests.RequestException, tsclient.KeyRejected, ValueError) as e:
@@ -396,7 +399,8 @@ def resolve_model(args, management_url: str, keys: tsclient.Keys) -> str:
     if not versions:
         raise UserError(f"model '{args.model}' is not registered on {management_url}")
     if args.version and args.version not in versions:
-        raise UserError(f"model '{args.model}' has no version '{args.version}' (registered: {', '.join(versions)})")
+        raise UserError(f"model '{args.model}' has no version '{args.version}' "
+                        f"(registered: {', '.join(versions)})")
     return args.model
 
 
@@ -423,21 +427,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", metavar="DIR", help="folder of images to classify")
     parser.add_argument("--model", default=None, help="model name (default: the only registered model)")
-    parser.add_argument("--version", default=None, help="model version (default: the server's default version)")
-    parser.add_argument("--url", default=tsclient.DEFAULT_INFERENCE_URL, help="TorchServe inference URL")
+    parser.add_argument("--version", default=None,
+                        help="model version (default: the server's default version)")
+    parser.add_argument("--url", default=tsclient.DEFAULT_INFERENCE_URL,
+                        help="TorchServe inference URL (default: %(default)s)")
     parser.add_argument("--management-url", default=None,
                         help="management URL (default: the inference URL's host, port + 1)")
     parser.add_argument("--output", default="results.jsonl",
-                        help="result rows: JSONL, or CSV when the name ends in .csv")
+                        help="result rows: JSONL, or CSV when the name ends in .csv (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16,
-                        help="requests in flight; at least batchSize x workers so batches fill")
-    parser.add_argument("--topk", type=int, default=5, help="answers kept per image (the handler sends up to 5)")
+                        help="requests in flight; at least batchSize x workers so batches fill "
+                             "(default: %(default)s)")
+    parser.add_argument("--topk", type=int, default=5,
+                        help="answers kept per image, at most what the handler sends (default: %(default)s)")
     parser.add_argument("--no-recursive", action="store_true", help="only the files directly in DIR")
     parser.add_argument("--extensions", default=DEFAULT_EXTENSIONS,
-                        help="comma-separated file extensions to classify, any case")
+                        help="comma-separated file extensions to classify, any case (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=3,
-                        help="retries of a transient failure (refused/reset connection, timeout, 503, 507)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one answer")
+                        help="retries of a transient failure (refused/reset connection, timeout, "
+                             "502/503/504/507), with exponential backoff (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for one answer (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the output's ok rows, classify only the other files")
     parser.add_argument("--token-file", default=None,

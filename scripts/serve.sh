@@ -55,8 +55,10 @@ load_state() {
 start() {
     [ -f "$CONFIG" ] || die "config not found: $CONFIG"
     [ -x "$REPO/.venv/bin/torchserve" ] || die "$REPO/.venv/bin/torchserve not found; run 'make install'"
-    command -v java >/dev/null 2>&1 || die "java not found on PATH; TorchServe's frontend needs Java >= 11 ('make install')"
-    "$PY" -c "import yaml" 2>/dev/null || die "PyYAML missing from .venv: every worker would die at start ('make install')"
+    command -v java >/dev/null 2>&1 \
+        || die "java not found on PATH; TorchServe's frontend needs Java >= 11 ('make install')"
+    "$PY" -c "import yaml" 2>/dev/null \
+        || die "PyYAML missing from .venv: every worker would die at start ('make install')"
     if load_state && kill -0 "$pid" 2>/dev/null && is_torchserve "$pid" org.pytorch.serve.ModelServer; then
         die "TorchServe already running from $LOG_DIR (pid $pid); run 'scripts/serve.sh stop' first" 1
     fi
@@ -81,14 +83,15 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     store=$(abs "${MODEL_STORE:-$REPO/$(prop model_store)}")
     [ -d "$store" ] || die "model store not found: $store"
     store=$(cd "$store" && pwd)
-    [[ "$store" != *'\'* && "$store" != *'\E'* ]] || die "model store path must not contain a backslash: $store"
+    [[ "$store" != *'\'* ]] || die "model store path must not contain a backslash: $store"
     key_dir=$(abs "${TS_KEY_DIR:-$REPO}")
     local tmp
     tmp=$(abs "${TS_TMPDIR:-$LOG_DIR/tmp}")
     mkdir -p "$key_dir" "$tmp" "$LOG_DIR"
     key_dir=$(cd "$key_dir" && pwd)
     # Workers listen on Unix sockets $tmp/.ts.sock.PORT, and a socket path has at most 107 bytes.
-    [ "${#tmp}" -le 80 ] || die "TMPDIR path too long for Unix sockets (${#tmp} > 80 bytes): $tmp; set TS_TMPDIR"
+    [ "${#tmp}" -le 80 ] \
+        || die "TMPDIR path too long for Unix sockets (${#tmp} > 80 bytes): $tmp; set TS_TMPDIR"
 
     local models=() mar
     for mar in "$@"; do  # a file name in the store, or a path to a file inside the store
@@ -104,7 +107,9 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     local derived="$LOG_DIR/config.properties"
     {
         echo "# Written by scripts/serve.sh from $CONFIG; edit that file, not this one."
-        grep -vE '^[[:space:]]*(inference_address|management_address|metrics_address|grpc_inference_port|grpc_management_port|initial_worker_port|model_store|allowed_urls|load_models)[[:space:]]*=' "$CONFIG"
+        local replaced="inference_address|management_address|metrics_address|grpc_inference_port"
+        replaced+="|grpc_management_port|initial_worker_port|model_store|allowed_urls|load_models"
+        grep -vE "^[[:space:]]*($replaced)[[:space:]]*=" "$CONFIG"
         echo "inference_address=http://127.0.0.1:$http"
         echo "management_address=http://127.0.0.1:$mgmt"
         echo "metrics_address=http://127.0.0.1:$metrics"
@@ -148,7 +153,9 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     if ! "$PY" "$REPO/scripts/tsclient.py" wait --url "http://127.0.0.1:$http" \
             --management-url "http://127.0.0.1:$mgmt" --key-file "$key_dir/key_file.json" \
             --timeout "$timeout" --pid "$pid"; then
-        echo "error: TorchServe did not become ready (it exited, or ${timeout}s passed); the log lines that explain it:" >&2
+        echo "error: TorchServe did not become ready (it exited, or ${timeout}s passed);" \
+             "the log lines that explain it:" >&2
+        sleep 1  # the frontend copies the workers' output into model_log.log with a lag
         explain "$pid" >&2
         echo "(full logs: $LOG_DIR)" >&2
         stop >/dev/null 2>&1 || true

@@ -92,7 +92,8 @@ def test_resume_keeps_first_ok_row_per_file_and_drops_the_rest(tmp_path, suffix)
     writer.write({"path": "c.png", **ok})
     writer.close()
     with open(output, "a", encoding="utf-8") as f:
-        f.write('{"path": "d.png", "status": "o' if suffix == ".jsonl" else 'd.png,ok,"[{""la')  # cut by a kill
+        cut = '{"path": "d.png", "status": "o' if suffix == ".jsonl" else 'd.png,ok,"[{""la'
+        f.write(cut)  # a row cut short by a kill
     stats = classify_dir.Stats()
     done = classify_dir.keep_finished_rows(output, classify_dir.FIELDS, stats)
     assert done == {"a.png", "c.png"} and stats.ok == 2 and stats.resumed == 2

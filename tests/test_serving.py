@@ -87,8 +87,9 @@ def test_second_start_refuses_busy_ports(server, tmp_path):
 
 def test_allowed_urls_refuse_remote_archives(server):
     for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd.mar"):
-        response = tsclient.request_with_key(tsclient.new_session(), "POST", f"{server.management_url}/models",
-                                             server.keys(), "management", params={"url": url}, timeout=10)
+        response = tsclient.request_with_key(tsclient.new_session(), "POST",
+                                             f"{server.management_url}/models", server.keys(), "management",
+                                             params={"url": url}, timeout=10)
         assert response.status_code == 404 and "does not match any allowed URL" in response.text
 
 
@@ -165,7 +166,7 @@ def test_start_times_out_with_the_log_lines_that_explain_it(server, tmp_path):
                     "--handler", str(handler), "--export-path", str(store)], check=True, timeout=60)
     broken = make_server(tmp_path / "srv", store, server.run_dir, ["broken.mar"])
     try:
-        result = broken.serve("start", "broken.mar", TS_START_TIMEOUT="5")
+        result = broken.serve("start", "broken.mar", TS_START_TIMEOUT="10")
     finally:
         if broken.pid() is not None:
             broken.kill()
