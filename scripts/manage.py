@@ -6,7 +6,7 @@ the new version gets its own workers and answers a smoke set before it becomes t
 and the old version is unregistered only once its queue has drained.
 
     .venv/bin/python scripts/manage.py list
-    .venv/bin/python scripts/manage.py rollout model_store/digits-2.mar --smoke-dir data/smoke --min-accuracy 0.9
+    .venv/bin/python scripts/manage.py rollout model_store/digits-2.0.mar --smoke-dir demo/val
 """
 from __future__ import annotations
 
@@ -124,8 +124,9 @@ class Client:
         """POST one image to /predictions/NAME/VERSION with the inference key."""
         if not hasattr(self._local, "session"):
             self._local.session = tsclient.new_session(1)
-        return tsclient.request_with_key(self._local.session, "POST", f"{self.url}/predictions/{name}/{version}",
-                                         self.keys, "inference", data=data, timeout=self.timeout,
+        url = f"{self.url}/predictions/{name}/{version}"
+        return tsclient.request_with_key(self._local.session, "POST", url, self.keys, "inference",
+                                         data=data, timeout=self.timeout,
                                          headers={"Content-Type": "application/octet-stream"})
 
 
@@ -146,7 +147,8 @@ def format_version(entry: dict, default: str | None) -> str:
     mark = " (default)" if entry["modelVersion"] == default else ""
     return (f"{entry['modelName']} {entry['modelVersion']}{mark}: workers {counts} (min "
             f"{entry.get('minWorkers')}, max {entry.get('maxWorkers')}), batch {entry.get('batchSize')}, "
-            f"delay {entry.get('maxBatchDelay')} ms, queue {pending_requests(entry)}, {entry.get('modelUrl')}")
+            f"delay {entry.get('maxBatchDelay')} ms, queue {pending_requests(entry)}, "
+            f"{entry.get('modelUrl')}")
 
 
 def pending_requests(entry: dict) -> int:
@@ -391,28 +393,34 @@ def check_args(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per operation, the server flags on each."""
     server = argparse.ArgumentParser(add_help=False)
-    server.add_argument("--url", default=tsclient.DEFAULT_INFERENCE_URL, help="TorchServe inference URL (default: %(default)s)")
+    server.add_argument("--url", default=tsclient.DEFAULT_INFERENCE_URL,
+                        help="TorchServe inference URL (default: %(default)s)")
     server.add_argument("--management-url", default=None,
                         help="management URL (default: the inference URL's host, port + 1)")
     server.add_argument("--token-file", default=None,
                         help="the server's key_file.json (default: the one at the repository root)")
     server.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds to wait for one answer; registering waits for its workers (default: %(default)s)")
+                        help="seconds to wait for one answer; registering waits for its workers "
+                             "(default: %(default)s)")
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument("--model-store", type=Path, default=DEFAULT_STORE,
-                       help="the server's model store; MAR must be in it (default: $MODEL_STORE or model_store/)")
+                       help="the server's model store; MAR must be in it "
+                            "(default: $MODEL_STORE, else model_store/)")
     workers = argparse.ArgumentParser(add_help=False)
     workers.add_argument("--workers", type=int, default=None,
-                         help="initial workers (default: rollout keeps the old default's; register: the archive's)")
+                         help="workers of the new version (default: rollout keeps the old default's "
+                              "count; register: the archive's model-config.yaml)")
     workers.add_argument("--batch-size", type=int, default=None,
                          help="server-side batch size (default: the archive's model-config.yaml)")
     workers.add_argument("--max-batch-delay", type=int, default=None,
                          help="ms a batch waits to fill (default: the archive's model-config.yaml)")
     drain_ = argparse.ArgumentParser(add_help=False)
     drain_.add_argument("--drain-seconds", type=float, default=2.0,
-                        help="seconds a version's queue must stay empty before it is removed (default: %(default)s)")
+                        help="seconds a version's queue must stay empty before it is removed "
+                             "(default: %(default)s)")
     drain_.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="seconds after which an undrained version is kept, not removed (default: %(default)s)")
+                        help="seconds after which an undrained version is kept, not removed "
+                             "(default: %(default)s)")
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -429,7 +437,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("version", metavar="VERSION", help="the version to make the default")
     p = sub.add_parser("scale", parents=[server], help="set a version's worker count")
     p.add_argument("name", metavar="NAME", help="model name")
-    p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="version (default: the default)")
+    p.add_argument("version", metavar="VERSION", nargs="?", default=None,
+                   help="version (default: the default version)")
     p.add_argument("--min", type=int, required=True, help="minimum workers")
     p.add_argument("--max", type=int, default=None, help="maximum workers (default: --min)")
     p = sub.add_parser("unregister", parents=[server, drain_],

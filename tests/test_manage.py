@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 MANAGE = REPO / "scripts" / "manage.py"
 CLIENT = REPO / "scripts" / "classify_dir.py"
-COLORS = {"red": (230, 20, 30), "green": (10, 220, 40), "blue": (25, 15, 240)}  # TinyNet: class i <- channel i
+COLORS = {"red": (230, 20, 30), "green": (10, 220, 40), "blue": (25, 15, 240)}  # class i <- channel i
 LOAD_IMAGES, CONCURRENCY = 1200, 16
 # Batches of 32 that never fill at 16 in flight: each waits 200 ms, so the load runs at about
 # 80 images/s on any machine and lasts long enough (~15 s) for a rollout to happen inside it.
@@ -116,7 +115,8 @@ def mserver(tmp_path_factory, tiny_run):
 
 def test_manifest_names_the_model_not_the_file_name(tmp_path):
     with zipfile.ZipFile(tmp_path / "tiny-9.mar", "w") as mar:
-        mar.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "tiny", "modelVersion": "9"}}))
+        manifest = {"model": {"modelName": "tiny", "modelVersion": "9"}}
+        mar.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
     mar = clone_mar(tmp_path / "tiny-9.mar", tmp_path / "anything.mar", "digits", "2.1")
     assert manage.read_manifest(mar) == ("digits", "2.1")
     (tmp_path / "broken.mar").write_bytes(mar.read_bytes()[:200])
@@ -184,7 +184,8 @@ def test_register_describe_scale_set_default_unregister_round_trip(mserver, tmp_
     assert result.returncode == 0, result.stderr
     assert len(versions(srv, "trip")["2"]["workers"]) == 1
     result = run_manage(srv, "scale", "trip", "--min", "1", "--max", "3")  # the default version
-    assert result.returncode == 0 and "scale: trip 1 (default): workers 1 READY (min 1, max 3)" in result.stdout
+    assert result.returncode == 0
+    assert "scale: trip 1 (default): workers 1 READY (min 1, max 3)" in result.stdout
     result = run_manage(srv, "scale", "trip", "--min", "2", "--max", "1")
     assert result.returncode == 2 and "0 <= --min <= --max" in result.stderr
 
