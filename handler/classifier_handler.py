@@ -44,6 +44,7 @@ class ClassifierHandler(BaseHandler):
         batch_inference.check_model_outputs(self.model, self.preprocess_config, len(self.labels),
                                             self.device, self.half)
         self.manifest = context.manifest
+        self.model_version = str(((context.manifest or {}).get("model") or {}).get("modelVersion") or "")
         self.context = context
         self.initialized = True
         logger.info("classifier ready: %d classes, input %s, device %s, %s, %d torch threads",
@@ -68,7 +69,7 @@ class ClassifierHandler(BaseHandler):
         self.context = context
         answers = batch_inference.answer_batch(
             self.preprocess(data or []), lambda tensors: self.postprocess(self.inference(tensors)))
-        bodies = request_decoding.format_responses(answers, context)
+        bodies = request_decoding.format_responses(answers, context, self.model_version)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2),
                                      None, "ms")

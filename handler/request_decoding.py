@@ -111,8 +111,11 @@ def status_phrase(message: str) -> str:
     return line if len(line) <= MAX_PHRASE_CHARS else line[: MAX_PHRASE_CHARS - 3] + "..."
 
 
-def format_responses(answers: list, context) -> list:
-    """Set each request's status on the TorchServe context and return the JSON-able bodies."""
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+def format_responses(answers: list, context, model_version: str | None = None) -> list:
+    """Set each request's status (and the answering model version) and return the JSON-able bodies."""
     bodies = []
     for idx, answer in enumerate(answers):
         if isinstance(answer, BadImage):
@@ -123,4 +126,6 @@ def format_responses(answers: list, context) -> list:
             bodies.append(answer)
         if getattr(context, "request_processor", None) is not None:
             context.set_response_content_type(idx, "application/json")
+            if model_version:  # the client reports it per row, truthful across a live rollout
+                context.set_response_header(idx, MODEL_VERSION_HEADER, model_version)
     return bodies

@@ -98,11 +98,12 @@ def test_format_responses_sets_one_status_per_request():
     context = Context("m", "/tmp", {}, 3, None, "0.12.0")
     context.request_processor = [RequestProcessor({}) for _ in range(3)]
     prediction = [{"label": "a", "index": 0, "probability": 1.0}]
-    bodies = format_responses([prediction, BadImage(413, "too\nlarge"), prediction], context)
+    bodies = format_responses([prediction, BadImage(413, "too\nlarge"), prediction], context, "2.0")
     assert bodies == [prediction, {"code": 413, "error": "too\nlarge"}, prediction]
     statuses = [context.get_response_status(i) for i in range(3)]
     assert statuses == [(200, "OK"), (413, "too large"), (200, "OK")]
     assert all(context.get_response_content_type(i) == "application/json" for i in range(3))
+    assert all(context.get_response_headers(i)["X-Model-Version"] == "2.0" for i in range(3))
     assert error_body(BadImage(400, "x")) == {"code": 400, "error": "x"}
 
 
