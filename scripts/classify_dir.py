@@ -336,9 +336,9 @@ def report_class_metrics(stats: Stats, png: Path) -> str:
     labelled = sum(stats.true_counts.values())
     labels = sorted({t for t, _ in stats.confusion} | {p for _, p in stats.confusion}
                     | set(stats.true_counts))
-    lines = [f"accuracy {correct / max(1, classified):.4f} ({correct}/{classified} classified files), "
-             f"error rate {stats.errors_with_label / max(1, labelled):.4f} "
-             f"({stats.errors_with_label}/{labelled} files failed)",
+    lines = [f"accuracy {correct / max(1, classified):.4f}, error rate {1 - correct / max(1, classified):.4f} "
+             f"({correct}/{classified} classified files right); "
+             f"{stats.errors_with_label}/{labelled} files failed and are not counted",
              f"{'class':<24} {'precision':>9} {'recall':>9} {'support':>8}"]
     for label in labels:
         tp = stats.confusion[(label, label)]

@@ -171,8 +171,8 @@ def test_class_folders_accuracy_and_confusion_matrix_csv(server, tmp_path):
     output = tmp_path / "val results.csv"
     result = run_client(server, root, output, "--class-folders", "--topk", "2", "--version", "1.0")
     assert result.returncode == 1, result.stderr
-    assert "accuracy 1.0000 (12/12 classified files)" in result.stdout
-    assert "error rate 0.0769 (1/13 files failed)" in result.stdout
+    assert "accuracy 1.0000, error rate 0.0000 (12/12 classified files right)" in result.stdout
+    assert "1/13 files failed and are not counted" in result.stdout
     assert (tmp_path / "val results.confusion.png").stat().st_size > 1000
     rows = read_rows(output)
     assert len(rows) == 13 and all(r["true_label"] == r["path"].split("/")[0] for r in rows)
