@@ -347,9 +347,11 @@ def run_command(client: Client, args: argparse.Namespace) -> str:
         default, lines = client.default_version(args.name), []
         for entry in entries:
             lines.append(format_version(entry, default))
-            lines += [f"  worker {w.get('id')}: {w.get('status')}, pid {w.get('pid')}, "
-                      f"{int(w.get('memoryUsage') or 0) / 2**20:.0f} MiB, started {w.get('startTime')}"
-                      for w in entry.get("workers", [])]
+            for w in entry.get("workers", []):
+                memory = int(w.get("memoryUsage") or 0)  # 0 until TorchServe first measures it
+                lines.append(f"  worker {w.get('id')}: {w.get('status')}, pid {w.get('pid')}, "
+                             + (f"{memory / 2**20:.0f} MiB, " if memory else "")
+                             + f"started {w.get('startTime')}")
         return "\n".join(lines)
     if args.command == "register":
         name, version = register(client, locate_mar(args.mar, args.model_store), args.workers,
