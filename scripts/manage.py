@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts` and `train
     sys.path.insert(0, str(REPO_ROOT))
 
 from scripts import tsclient  # noqa: E402
-from scripts.classify_dir import DEFAULT_EXTENSIONS, iter_files, true_label_of  # noqa: E402
+from scripts.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of  # noqa: E402
 from training.errors import UserError, run_main  # noqa: E402
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh

@@ -69,6 +69,26 @@ def is_auth_error(response: requests.Response) -> bool:
     return isinstance(body, dict) and body.get("type") == "InvalidKeyException"
 
 
+def error_message(response: requests.Response) -> str:
+    """The message of an error answer (TorchServe's "message", the handler's "error"), else the status line."""
+    try:
+        body = response.json()
+        message = body.get("error") or body.get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.reason or response.text[:200])
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """--url, --management-url and --token-file: which server a command talks to, with which keys."""
+    parser.add_argument("--url", default=DEFAULT_INFERENCE_URL,
+                        help="TorchServe inference URL (default: %(default)s)")
+    parser.add_argument("--management-url", default=None,
+                        help="management URL (default: the inference URL's host, port + 1)")
+    parser.add_argument("--token-file", default=None,
+                        help="the server's key_file.json (default: the one at the repository root)")
+
+
 def new_session(pool_size: int = 4) -> requests.Session:
     """A keep-alive session whose connection pool holds `pool_size` connections."""
     session = requests.Session()

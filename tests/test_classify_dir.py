@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts import classify_dir, tsclient
+from scripts import predict, results, tsclient, walk
 from tests.conftest import PYTHON, REPO, archive, free_ports, wait_for
 from tests.image_zoo import write_zoo
 
@@ -74,16 +74,16 @@ def test_iter_files_sorted_any_case_and_safe_from_symlink_loops(tmp_path):
     (tmp_path / "c" / "d" / "loop").symlink_to(tmp_path, target_is_directory=True)
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "missing.jpg")
     found = [p.relative_to(tmp_path).as_posix()
-             for p in classify_dir.iter_files(tmp_path, {".jpg", ".jpeg", ".png"})]
+             for p in walk.iter_files(tmp_path, {".jpg", ".jpeg", ".png"})]
     assert found == ["a.JpEg", "b/1.jpg", "b/2.PNG", "c/d/e.png", "dangling.jpg"]
-    flat = list(classify_dir.iter_files(tmp_path, {".jpg", ".jpeg", ".png"}, recursive=False))
+    flat = list(walk.iter_files(tmp_path, {".jpg", ".jpeg", ".png"}, recursive=False))
     assert [p.name for p in flat] == ["a.JpEg", "dangling.jpg"]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_resume_keeps_first_ok_row_per_file_and_drops_the_rest(tmp_path, suffix):
     output = tmp_path / f"results{suffix}"
-    writer = classify_dir.RowWriter(output, classify_dir.FIELDS, append=False)
+    writer = results.RowWriter(output, results.FIELDS, append=False)
     ok = {"status": "ok", "label": "red", "probability": 0.9, "http_status": 200, "model": "m",
           "topk": [{"label": "red", "index": 0, "probability": 0.9}], "latency_ms": 1.0}
     writer.write({"path": "a.png", **ok})
@@ -94,8 +94,8 @@ def test_resume_keeps_first_ok_row_per_file_and_drops_the_rest(tmp_path, suffix)
     with open(output, "a", encoding="utf-8") as f:
         cut = '{"path": "d.png", "status": "o' if suffix == ".jsonl" else 'd.png,ok,"[{""la'
         f.write(cut)  # a row cut short by a kill
-    stats = classify_dir.Stats()
-    done = classify_dir.keep_finished_rows(output, classify_dir.FIELDS, stats)
+    stats = results.Stats()
+    done = results.keep_finished_rows(output, results.FIELDS, stats)
     assert done == {"a.png", "c.png"} and stats.ok == 2 and stats.resumed == 2
     rows = read_rows(output)
     assert [r["path"] for r in rows] == ["a.png", "c.png"]
@@ -222,9 +222,9 @@ def test_inference_key_renewed_through_the_api_key_is_picked_up(server, tmp_path
     renewed = tsclient.new_session().get(f"{server.management_url}/token", params={"type": "inference"},
                                          headers={"Authorization": f"Bearer {keys.get('API')}"}, timeout=10)
     assert renewed.status_code == 200
-    classifier = classify_dir.Classifier(
+    classifier = predict.Classifier(
         server.inference_url, server.model, None, keys,
-        classify_dir.VersionTracker(server.management_url, keys, server.model, None),
+        predict.VersionTracker(server.management_url, keys, server.model, None),
         topk=3, retries=0, timeout=30)
     row, reason = classifier.classify(path, "red.png")
     assert reason is None and row["label"] == "red" and row["model_version"] == "1.0"
@@ -274,9 +274,9 @@ def test_server_stopped_mid_run_exit_2_then_resume_after_restart(server, many, t
 
     # the restart rotated the keys: a client holding the old ones re-reads the file and goes on
     assert old_keys.get("inference") != server.keys().get("inference")
-    classifier = classify_dir.Classifier(
+    classifier = predict.Classifier(
         server.inference_url, server.model, None, old_keys,
-        classify_dir.VersionTracker(server.management_url, old_keys, server.model, None),
+        predict.VersionTracker(server.management_url, old_keys, server.model, None),
         topk=3, retries=0, timeout=30)
     row, reason = classifier.classify(directory / paths[0], paths[0])
     assert reason is None and row["status"] == "ok"

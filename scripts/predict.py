@@ -1,0 +1,177 @@
+"""Sending files to TorchServe for classify_dir.py: the server and model checks before a run,
+one POST per file with retries and key renewal, and the version each answer came from.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from scripts import tsclient
+from scripts.results import error_row, ok_row
+from training.errors import UserError
+
+logger = logging.getLogger("classify_dir")
+TRANSIENT_STATUSES = (502, 503, 504, 507)  # busy, queue full, out of memory: worth another try
+MAX_BACKOFF_S = 8.0
+KEY_REFRESHES = 3  # per file: a rotated key is renewed, a wrong one is not renewed forever
+VERSION_RETRY_S = 5.0  # after a failed default-version lookup, reuse the last answer this long
+
+
+class Fatal(UserError):
+    """The run cannot go on (server unreachable, key refused): exit code 2."""
+
+
+class VersionTracker:
+    """The version that answered when the server does not say (no X-Model-Version header).
+
+    --version pins it. Otherwise the management API's default version, looked up again
+    whenever the last lookup was sent before the request was: a request sent after a
+    set-default is labelled with the new version; only one in flight across the switch
+    can be labelled new while the old version answered it. Lookups are shared between
+    threads, so it costs about one per batch of answers.
+    """
+
+    def __init__(self, management_url: str, keys: tsclient.Keys, model: str, pinned: str | None):
+        self.management_url, self.keys, self.model, self.pinned = management_url, keys, model, pinned
+        self._lock = threading.Lock()
+        self._value: str | None = pinned
+        self._looked_at = float("-inf")  # when the last lookup was sent (time.monotonic)
+        self._session = tsclient.new_session(1)
+
+    def version_for(self, sent_at: float) -> str | None:
+        """The version for a request sent at `sent_at` (time.monotonic)."""
+        if self.pinned:
+            return self.pinned
+        with self._lock:
+            if self._looked_at < sent_at:
+                looked_at = time.monotonic()
+                try:
+                    self._value = tsclient.default_version(self.management_url, self.keys, self.model,
+                                                           self._session)
+                    self._looked_at = looked_at
+                except (requests.RequestException, ValueError, tsclient.KeyRejected) as e:
+                    logger.debug("default version unknown: %s", e)
+                    self._looked_at = looked_at + VERSION_RETRY_S  # do not ask once per answer
+            return self._value
+
+
+class Classifier:
+    """Sends one file, with retries and key renewal; thread-safe, one keep-alive session per thread."""
+
+    def __init__(self, url: str, model: str, version: str | None, keys: tsclient.Keys,
+                 versions: VersionTracker, *, topk: int, retries: int, timeout: float):
+        self.endpoint = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
+        self.model, self.keys, self.versions = model, keys, versions
+        self.topk, self.retries, self.timeout = topk, retries, timeout
+        self.abort = threading.Event()
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = tsclient.new_session(pool_size=2)
+        return self._local.session
+
+    def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
+        """One file -> (row, failure reason or None); None when the run was aborted first."""
+        row = {"path": rel, "model": self.model}
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            return error_row(row, f"cannot read the file: {e.strerror or e}", None), "unreadable"
+        attempt, refreshes = 0, 0
+        while not self.abort.is_set():
+            key = self.keys.get("inference")
+            headers = {"Content-Type": "application/octet-stream", **self.keys.headers("inference")}
+            started, sent_at = time.perf_counter(), time.monotonic()
+            try:
+                response = self._session().post(self.endpoint, data=data, headers=headers,
+                                                timeout=self.timeout)
+                transient = response.status_code in TRANSIENT_STATUSES
+                reason = f"http {response.status_code}"
+            except requests.Timeout:
+                response, transient, reason = None, True, "timeout"
+            except requests.ConnectionError:
+                response, transient, reason = None, True, "connection"
+            row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            if response is not None and tsclient.is_auth_error(response):
+                refreshes += 1
+                if refreshes <= KEY_REFRESHES and self.keys.refresh("inference", key):
+                    continue
+                raise Fatal(f"the server refused the inference key from {self.keys.key_file} and no "
+                            f"fresh key could be read or requested; pass the right file with --token-file")
+            if response is not None and response.status_code == 404 and _is_unknown_model(response):
+                message = tsclient.error_message(response) or f"HTTP {response.status_code}"
+                raise Fatal(f"{self.endpoint}: {message}")
+            if transient and attempt < self.retries:
+                self.abort.wait(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt) * random.uniform(0.75, 1.25))
+                attempt += 1
+                continue
+            if response is None:
+                if reason == "connection":
+                    raise Fatal(f"server unreachable at {self.endpoint} after {self.retries} retries")
+                return error_row(row, f"no answer within {self.timeout:g}s "
+                                      f"(tried {attempt + 1} times)", None), reason
+            row["model_version"] = (response.headers.get("X-Model-Version")
+                                    or self.versions.version_for(sent_at))
+            if response.status_code == 200:
+                try:
+                    return ok_row(row, response.json(), self.topk), None
+                except (ValueError, KeyError, IndexError, TypeError):
+                    return error_row(row, f"unexpected answer: {response.text[:200]}", 200), "bad answer"
+            message = tsclient.error_message(response) or f"HTTP {response.status_code}"
+            return error_row(row, message, response.status_code), reason
+        return None
+
+
+def _is_unknown_model(response: requests.Response) -> bool:
+    try:
+        return response.json().get("type") in ("ModelNotFoundException", "ModelVersionNotFoundException")
+    except (ValueError, AttributeError):
+        return False
+
+
+def resolve_model(args: argparse.Namespace, management_url: str, keys: tsclient.Keys) -> str:
+    """Check the model (and version) is registered; with no --model, take the only one there is."""
+    try:
+        if args.model is None:
+            names = tsclient.list_models(management_url, keys)
+            if len(names) != 1:
+                raise UserError(f"pass --model: the server has {len(names)} models "
+                                f"({', '.join(names) or 'none'})")
+            return names[0]
+        versions = [v["modelVersion"] for v in tsclient.describe(management_url, keys, args.model)]
+    except (requests.RequestException, tsclient.KeyRejected, ValueError) as e:
+        if args.model is None:
+            raise UserError(f"pass --model: cannot list the models at {management_url} ({e})") from None
+        logger.warning("cannot check model %s with the management API (%s); going on", args.model, e)
+        return args.model
+    if not versions:
+        raise UserError(f"model '{args.model}' is not registered on {management_url}")
+    if args.version and args.version not in versions:
+        raise UserError(f"model '{args.model}' has no version '{args.version}' "
+                        f"(registered: {', '.join(versions)})")
+    return args.model
+
+
+def wait_for_server(url: str, keys: tsclient.Keys, retries: int) -> None:
+    """Check /ping, retrying with backoff; Fatal when it never answers or refuses the key."""
+    why = None
+    for attempt in range(retries + 1):
+        why = tsclient.ping(url, keys)
+        if why is None:
+            return
+        if "InvalidKeyException" in why:
+            if not keys.key_file.exists():
+                raise Fatal(f"the server at {url} wants a key and there is no {keys.key_file}; "
+                            f"pass the server's key_file.json with --token-file")
+            raise Fatal(f"the server at {url} refused the inference key from {keys.key_file}; "
+                        f"pass the server's key_file.json with --token-file")
+        if attempt < retries:
+            time.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt))
+    raise Fatal(f"server unreachable: {why}")
