@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts import manage, tsclient
+from scripts import management, tsclient
+from scripts.mar import read_manifest
 from tests.conftest import LABELS, PYTHON, REPO, archive, free_ports, make_server, wait_for
 
 pytestmark = pytest.mark.integration
@@ -118,10 +119,10 @@ def test_manifest_names_the_model_not_the_file_name(tmp_path):
         manifest = {"model": {"modelName": "tiny", "modelVersion": "9"}}
         mar.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
     mar = clone_mar(tmp_path / "tiny-9.mar", tmp_path / "anything.mar", "digits", "2.1")
-    assert manage.read_manifest(mar) == ("digits", "2.1")
+    assert read_manifest(mar) == ("digits", "2.1")
     (tmp_path / "broken.mar").write_bytes(mar.read_bytes()[:200])
-    with pytest.raises(manage.Refused, match="not a readable model archive"):
-        manage.read_manifest(tmp_path / "broken.mar")
+    with pytest.raises(management.Refused, match="not a readable model archive"):
+        read_manifest(tmp_path / "broken.mar")
 
 
 def test_usage_errors_exit_2_without_traceback(tmp_path):

@@ -1,0 +1,191 @@
+"""Changing what a TorchServe serves, for manage.py: register, drain and unregister a version, and
+the rollout that swaps versions with no failed request (smoke test first, roll back on failure).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from scripts.management import Client, Refused, pending_requests, server_message
+from scripts.mar import locate_mar, read_manifest
+from scripts.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of
+from training.errors import UserError
+
+
+def register(client: Client, mar: Path, workers: int | None, batch_size: int | None,
+             max_batch_delay: int | None) -> tuple[str, str]:
+    """Register an archive of the store and wait until its workers are READY; (name, version)."""
+    name, version = read_manifest(mar)
+    if any(v["modelVersion"] == version for v in client.versions(name)):
+        raise Refused(f"{name} version {version} is already registered: unregister it first, or "
+                      f"archive the new model under a new version")
+    try:
+        client.call("POST", "/models", f"register {mar.name} ({name} {version})", url=mar.name,
+                    synchronous="true", initial_workers=workers, batch_size=batch_size,
+                    max_batch_delay=max_batch_delay)
+    except Refused as e:
+        if "Model not found at" in str(e):
+            raise Refused(f"{e} (the server's model store has no {mar.name}: is --model-store the "
+                          f"store it serves?)") from None
+        raise
+    entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
+    if workers and entry.get("minWorkers") != workers:  # the archive's maxWorkers caps initial_workers
+        client.call("PUT", f"/models/{name}/{version}", f"scale {name} {version}", min_worker=workers,
+                    max_worker=max(workers, int(entry.get("maxWorkers") or 0)), synchronous="true")
+    return name, version
+
+
+def drain(client: Client, name: str, version: str, quiet_s: float, timeout_s: float) -> bool:
+    """Wait until a version's queue has stayed empty for quiet_s seconds; False after timeout_s."""
+    deadline, quiet_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}", ok_404=True)
+        if not entry:
+            return True
+        now = time.monotonic()
+        if pending_requests(entry[0]):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= quiet_s:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def unregister(client: Client, name: str, version: str, quiet_s: float, timeout_s: float) -> None:
+    """Unregister a version once its queue has drained: TorchServe drops the jobs of a removed worker."""
+    versions = [v["modelVersion"] for v in client.versions(name)]
+    if version not in versions:
+        raise Refused(f"{name} has no version {version} (registered: {', '.join(versions) or 'none'})")
+    default = client.default_version(name)
+    if version == default and len(versions) > 1:
+        others = ", ".join(v for v in versions if v != version)
+        raise Refused(f"{name} {version} is the default version and other versions are registered "
+                      f"({others}); TorchServe refuses to remove it: make another one the default first "
+                      f"(manage.py set-default {name} VERSION)")
+    entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
+    quiet_s = max(quiet_s, 2 * int(entry.get("maxBatchDelay") or 0) / 1000)  # a batch still filling
+    if not drain(client, name, version, quiet_s, timeout_s):
+        raise Refused(f"{name} {version} still has queued requests after {timeout_s:g}s (clients calling "
+                      f"/predictions/{name}/{version} directly?); not unregistered")
+    client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
+
+
+def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[Path, str, str | None]]:
+    """(path, relative path, class folder or None) of the smoke set; checked before anything changes."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"--smoke-dir is not a folder: {directory}")
+    extensions = {e.lower() for e in DEFAULT_EXTENSIONS.split(",")}
+    images = []
+    for path in iter_files(root, extensions):
+        rel = path.relative_to(root).as_posix()
+        images.append((path, rel, true_label_of(rel)))
+    if not images:
+        raise UserError(f"--smoke-dir has no images ({DEFAULT_EXTENSIONS}): {directory}")
+    loose = [rel for _, rel, label in images if label is None]
+    if min_accuracy is not None and loose:
+        raise UserError(f"--min-accuracy needs --smoke-dir laid out as class folders (DIR/<label>/...), "
+                        f"but {loose[0]} is directly in {directory}")
+    return images
+
+
+def smoke_test(client: Client, name: str, version: str, images: list, min_accuracy: float | None) -> str:
+    """Send every image to NAME/VERSION; Refused unless all succeed (and accuracy >= min_accuracy)."""
+    def one(item: tuple[Path, str, str | None]) -> tuple[str, str | None, str | None]:
+        path, rel, _ = item
+        try:
+            response = client.predict(name, version, path.read_bytes())
+        except requests.RequestException as e:
+            return rel, None, f"{type(e).__name__}"
+        if response.status_code != 200:
+            return rel, None, server_message(response)
+        try:
+            return rel, response.json()[0]["label"], None
+        except (ValueError, LookupError, TypeError):
+            return rel, None, f"unexpected answer {response.text[:100]!r}"
+
+    with ThreadPoolExecutor(min(16, len(images))) as pool:  # enough in flight to fill the batches
+        results = list(pool.map(one, images))
+    failed = [(rel, error) for rel, _, error in results if error]
+    if failed:
+        raise Refused(f"smoke test: {len(failed)}/{len(images)} images failed on {name} {version} "
+                      f"(first: {failed[0][0]}: {failed[0][1]})")
+    summary = f"{len(images)}/{len(images)} smoke images ok"
+    labelled = [(label, predicted) for (_, _, label), (_, predicted, _) in zip(images, results) if label]
+    if labelled and len(labelled) == len(images):
+        accuracy = sum(t == p for t, p in labelled) / len(labelled)
+        summary += f", accuracy {accuracy:.4f}"
+        if min_accuracy is not None and accuracy < min_accuracy:
+            raise Refused(f"smoke test: accuracy {accuracy:.4f} of {name} {version} on {len(labelled)} "
+                          f"images is below --min-accuracy {min_accuracy:g}")
+    return summary
+
+
+def rollout(client: Client, args: argparse.Namespace) -> str:
+    """Register, smoke-test, make default, retire the old default; undo the new version on failure."""
+    images = list_smoke_images(args.smoke_dir, args.min_accuracy) if args.smoke_dir else []
+    mar = locate_mar(args.mar, args.model_store)
+    try:
+        name, version = read_manifest(mar)
+    except Refused as e:
+        raise Refused(f"rollout: {e}; nothing was changed on the server") from None
+    versions = client.versions(name)
+    old = client.default_version(name) if versions else None
+    if any(v["modelVersion"] == version for v in versions):
+        raise Refused(f"rollout: {name} version {version} is already registered; archive the new model "
+                      f"under a new version (nothing changed)")
+    old_entry = next((v for v in versions if v["modelVersion"] == old), None)
+    workers = args.workers or (old_entry or {}).get("minWorkers") or None  # the capacity it replaces
+    step = f"register {name} {version}"
+    try:
+        count = f"{workers} worker(s)" if workers else "the archive's workers"
+        say(f"rollout: {step} ({count}) while {name} {old or '(none)'} serves")
+        register(client, mar, workers, args.batch_size, args.max_batch_delay)
+        summary = "no smoke set"
+        if images:
+            step = "smoke test"
+            say(f"rollout: sending {len(images)} smoke images to /predictions/{name}/{version}")
+            summary = smoke_test(client, name, version, images, args.min_accuracy)
+        step = f"set-default {name} {version}"
+        client.call("PUT", f"/models/{name}/{version}/set-default", step)
+    except (Refused, UserError, requests.RequestException, KeyboardInterrupt) as e:
+        still = roll_back(client, name, version, old)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        reason = str(e) if isinstance(e, (Refused, UserError)) else f"{step}: {type(e).__name__}: {e}"
+        raise Refused(f"rollout of {name} {version} failed and was rolled back: {reason}; {still}") from None
+    say(f"rollout: {name} {version} is the default ({summary})")
+    if old is None or args.keep_old:
+        kept = f"; {name} {old} kept" if old else ""
+        return f"rollout: {name} {old or '(none)'} -> {version}, {summary}{kept}"
+    say(f"rollout: draining and unregistering {name} {old}")
+    try:
+        unregister(client, name, old, args.drain_seconds, args.drain_timeout)
+    except Refused as e:
+        raise Refused(f"rollout: {name} {version} is the default and serving, but the old version stays "
+                      f"registered: {e}") from None
+    return f"rollout: {name} {old} -> {version}, {summary}; {name} {old} unregistered"
+
+
+def roll_back(client: Client, name: str, version: str, old: str | None) -> str:
+    """Remove the new version (if it got registered) and say what serves now."""
+    try:
+        if any(v["modelVersion"] == version for v in client.versions(name)):
+            if old and client.default_version(name) == version:  # only if set-default went through
+                client.call("PUT", f"/models/{name}/{old}/set-default", f"set-default {name} {old}")
+            client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
+        default = client.default_version(name)
+    except (Refused, UserError, requests.RequestException) as e:
+        return f"the rollback itself failed ({e}): check with manage.py describe {name}"
+    return f"{name} {default} is still the default" if default else f"{name} is not registered"
+
+
+def say(message: str) -> None:
+    """A progress line on stdout, flushed so that callers see each step as it happens."""
+    print(message, flush=True)
