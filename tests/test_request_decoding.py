@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -63,6 +64,17 @@ def test_decode_batch_isolates_failures_and_keeps_positions():
     assert [type(i).__name__ for i in items] == ["Tensor", "BadImage", "BadImage", "Tensor"]
     assert torch.equal(items[0], torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1).expand(3, 4, 4))
     assert items[1].code == 400 and items[2].code == 400
+
+
+def test_decode_batch_in_a_thread_pool_gives_the_same_items_in_order():
+    rows = [{"body": PNG}, {"body": b""}, {"body": png_bytes(RED, (10, 10))}, {"body": b"GIF89a broken"},
+            {"data": PNG}]
+    with ThreadPoolExecutor(2) as pool:
+        threaded = decode_batch(rows, CFG, 99, pool)
+    sequential = decode_batch(rows, CFG, 99)
+    assert [type(i).__name__ for i in threaded] == ["Tensor", "BadImage", "BadImage", "BadImage", "Tensor"]
+    for a, b in zip(threaded, sequential):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else (a.code, a.message) == (b.code, b.message)
 
 
 def test_decode_batch_applies_the_pixel_limit():
