@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from handler import batch_inference, preprocessing  # noqa: E402
+from handler import batch_inference, preprocessing, request_decoding  # noqa: E402
 from scripts import bench_assets as assets  # noqa: E402
 from scripts import tsclient  # noqa: E402
 
@@ -69,18 +70,34 @@ def median_result(results: list[Result]) -> Result:
 
 
 def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.PreprocessConfig,
-                  labels: list[str], batch_size: int) -> Result:
-    """Decode, preprocess, forward and top-k in batches in this process; an image's latency is its batch's."""
+                  labels: list[str], batch_size: int, pool: Executor | None) -> Result:
+    """The handler's own steps in this process, batch by batch: read, decode (in `pool`), forward, top-k.
+
+    An image's latency is its batch's.
+    """
     latencies: list[float] = []
     device = torch.device("cpu")
+
+    def predict(tensors: list[torch.Tensor]) -> list[list[dict]]:
+        return batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, False), 5, labels)
+
     started = time.perf_counter()
     for i in range(0, len(files), batch_size):
         batch_started = time.perf_counter()
-        tensors = [preprocessing.load_tensor(path, cfg) for path in files[i:i + batch_size]]
-        batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, False), 5, labels)
-        latencies += [(time.perf_counter() - batch_started) * 1000] * len(tensors)
+        rows = [{"body": path.read_bytes()} for path in files[i:i + batch_size]]
+        items = request_decoding.decode_batch(rows, cfg, preprocessing.DEFAULT_MAX_PIXELS, pool)
+        answers = batch_inference.answer_batch(items, predict)
+        if not all(isinstance(a, list) for a in answers):
+            raise RuntimeError(f"limit: an image of {[p.name for p in files[i:i + batch_size]]} failed")
+        latencies += [(time.perf_counter() - batch_started) * 1000] * len(rows)
     elapsed = time.perf_counter() - started
     return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95))
+
+
+def limit_pool() -> Executor | None:
+    """The decode threads a one-worker handler on this machine gets: one per core (cpu_threads auto)."""
+    threads = batch_inference.count_cpu_threads("auto", 1)
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
 
 def measure_served(server: assets.Server, model: str, folder: Path, count: int, output: Path,
@@ -286,8 +303,9 @@ def main(args: argparse.Namespace) -> None:
     model = batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), half=False)
     out = WORK / "out"
     out.mkdir(parents=True, exist_ok=True)
+    pool = limit_pool()
     if args.tune:
-        return tune(args, run_dir, sets, store, model, cfg, labels, out, started)
+        return tune(args, run_dir, sets, store, model, cfg, labels, out, started, pool)
 
     servers: dict[str, assets.Server] = {}
     rows: list[dict] = []
@@ -306,8 +324,8 @@ def main(args: argparse.Namespace) -> None:
         for name, files in sets.items():
             folder = files[0].parent
             sizes = [b for b in (int(v) for v in args.batch_sizes.split(",")) if b <= len(files)]
-            measure_limit(files[:sizes[-1]], model, cfg, labels, sizes[-1])  # warm-up
-            sweep = {b: median_result([measure_limit(files, model, cfg, labels, b) for _ in range(args.runs)])
+            measure_limit(files[:sizes[-1]], model, cfg, labels, sizes[-1], pool)  # warm-up
+            sweep = {b: median_result([measure_limit(files, model, cfg, labels, b, pool) for _ in range(args.runs)])
                      for b in sizes}
             best = max(sweep, key=lambda b: sweep[b].images_s)
             sweeps[name] = {b: r.images_s for b, r in sweep.items()}
@@ -318,7 +336,7 @@ def main(args: argparse.Namespace) -> None:
                 measure_stock(servers["stock"], "stock", files[:4])  # warm-up: first requests load lazily
             runs: dict[str, list[Result]] = {"limit": [], "served": [], "stock": []}
             for i in range(args.runs):
-                runs["limit"].append(measure_limit(files, model, cfg, labels, best))
+                runs["limit"].append(measure_limit(files, model, cfg, labels, best, pool))
                 runs["served"].append(measure_served(servers["served"], "bench", folder, len(files),
                                                      out / f"served-{name}-{i}.jsonl", args.concurrency))
                 if "stock" in servers:
@@ -366,7 +384,7 @@ def main(args: argparse.Namespace) -> None:
         + f"; {args.markdown}, {args.chart}; {elapsed / 60:.1f} min")
 
 
-def tune(args, run_dir, sets, store, model, cfg, labels, out, started) -> None:
+def tune(args, run_dir, sets, store, model, cfg, labels, out, started, pool) -> None:
     """Served as it is now and each variant, interleaved round by round; prints the table."""
     variants = [parse_spec("")] + [parse_spec(spec) for spec in args.tune]
     servers: list[assets.Server] = []
@@ -383,7 +401,7 @@ def tune(args, run_dir, sets, store, model, cfg, labels, out, started) -> None:
             runs: list[list[Result]] = [[] for _ in variants]
             limit: list[Result] = []
             for r in range(args.runs):
-                limit.append(measure_limit(files, model, cfg, labels, args.limit_batch_size))
+                limit.append(measure_limit(files, model, cfg, labels, args.limit_batch_size, pool))
                 for i, (server, variant) in enumerate(zip(servers, variants)):
                     runs[i].append(measure_served(server, f"tune{i}", folder, len(files),
                                                   out / f"tune-{name}-{i}.jsonl", variant["concurrency"]))
