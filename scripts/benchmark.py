@@ -24,16 +24,17 @@ import re
 import statistics
 import subprocess
 import sys
+import resource
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -45,6 +46,7 @@ WORK = ROOT / "bench"  # git-ignored: run folder, images, captum, model store, s
 MARK_BEGIN = "<!-- benchmark.py: results begin -->"
 MARK_END = "<!-- benchmark.py: results end -->"
 SETS = ("png", "photo")
+WARMUP_PASSES = 2  # untimed passes over a set before the served runs
 SET_TITLES = {"png": "digit PNGs (32x32)", "photo": "camera JPEGs"}
 SPEC_KEYS = {"batch": "batchSize", "delay": "maxBatchDelay", "threads": "handler.cpu_threads"}
 SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
@@ -56,6 +58,31 @@ class Result:
     images_s: float
     p50_ms: float
     p95_ms: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU time per image, by process
+
+
+class CpuMeter:
+    """CPU seconds of this process, its finished children (the client) and a server's processes."""
+
+    def __init__(self, server: assets.Server | None = None):
+        self.frontend = psutil.Process(server.pid()) if server else None
+        self.workers = self.frontend.children(recursive=True) if self.frontend else []
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        def used(times) -> float:
+            return times.user + times.system
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reading = {"this process": time.process_time(), "client": children.ru_utime + children.ru_stime}
+        if self.frontend:
+            reading["frontend (Java)"] = used(self.frontend.cpu_times())
+            reading["workers"] = sum(used(w.cpu_times()) for w in self.workers if w.is_running())
+        return reading
+
+    def per_image(self, images: int, parts: tuple[str, ...]) -> dict[str, float]:
+        """ms of CPU per image since construction, for the named parts."""
+        end = self._read()
+        return {part: (end[part] - self.start[part]) * 1000 / images for part in parts}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -66,7 +93,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def median_result(results: list[Result]) -> Result:
     """Each figure the median of the runs' figures."""
-    return Result(*(statistics.median(getattr(r, f) for r in results) for f in ("images_s", "p50_ms", "p95_ms")))
+    figures = (statistics.median(getattr(r, f) for r in results) for f in ("images_s", "p50_ms", "p95_ms"))
+    cpu = {part: statistics.median(r.cpu_ms[part] for r in results) for part in results[0].cpu_ms}
+    return Result(*figures, cpu)
 
 
 def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.PreprocessConfig,
@@ -81,6 +110,7 @@ def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.
     def predict(tensors: list[torch.Tensor]) -> list[list[dict]]:
         return batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, False), 5, labels)
 
+    meter = CpuMeter()
     started = time.perf_counter()
     for i in range(0, len(files), batch_size):
         batch_started = time.perf_counter()
@@ -91,7 +121,8 @@ def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.
             raise RuntimeError(f"limit: an image of {[p.name for p in files[i:i + batch_size]]} failed")
         latencies += [(time.perf_counter() - batch_started) * 1000] * len(rows)
     elapsed = time.perf_counter() - started
-    return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95))
+    return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95),
+                  meter.per_image(len(files), ("this process",)))
 
 
 def limit_pool() -> Executor | None:
@@ -107,11 +138,13 @@ def measure_served(server: assets.Server, model: str, folder: Path, count: int, 
                "--url", server.url, "--token-file", str(server.key_file), "--output", str(output)]
     if concurrency:
         command += ["--concurrency", str(concurrency)]
+    meter = CpuMeter(server)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    cpu = meter.per_image(count, ("client", "frontend (Java)", "workers"))
     match = SUMMARY.search(result.stdout)
     if result.returncode != 0 or not match or int(match[1]) != count:
         raise RuntimeError(f"classify_dir.py failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
-    return Result(float(match[3]), float(match[5]), float(match[6]))
+    return Result(float(match[3]), float(match[5]), float(match[6]), cpu)
 
 
 def measure_stock(server: assets.Server, model: str, files: list[Path]) -> Result:
@@ -120,6 +153,7 @@ def measure_stock(server: assets.Server, model: str, files: list[Path]) -> Resul
     headers = tsclient.Keys(server.key_file, server.management_url).headers("inference")
     url = f"{server.url}/predictions/{model}"
     latencies: list[float] = []
+    meter = CpuMeter(server)
     started = time.perf_counter()
     for path in files:
         data = path.read_bytes()
@@ -130,7 +164,9 @@ def measure_stock(server: assets.Server, model: str, files: list[Path]) -> Resul
             raise RuntimeError(f"stock handler answered {response.status_code} for {path.name}: "
                                f"{response.text[:300]}")
     elapsed = time.perf_counter() - started
-    return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95))
+    cpu = meter.per_image(len(files), ("this process", "frontend (Java)", "workers"))
+    cpu["client"] = cpu.pop("this process")
+    return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95), cpu)
 
 
 def parse_spec(spec: str) -> dict:
@@ -211,6 +247,18 @@ def format_table(rows: list[dict]) -> str:
                       if row.get("served_stock") else "-"]
         lines.append(f"| {SET_TITLES[row['set']]} | {row['images']} | {row['label']} | {row['images_s']:.1f} | "
                      f"{row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+def format_cpu_table(rows: list[dict]) -> str:
+    """CPU milliseconds per image by process: where the served path's time goes beside the limit's."""
+    lines = ["| set | path | CPU ms/image | client | frontend (Java) | workers |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        cpu = row["cpu_ms"]
+        client = cpu.get("client", cpu.get("this process", 0.0))
+        parts = [f"{client:.1f}"] + [f"{cpu[k]:.1f}" if k in cpu else "-" for k in ("frontend (Java)", "workers")]
+        lines.append(f"| {SET_TITLES[row['set']]} | {row['path']} | {sum(cpu.values()):.1f} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
 
@@ -331,9 +379,12 @@ def main(args: argparse.Namespace) -> None:
             sweeps[name] = {b: r.images_s for b, r in sweep.items()}
             print(f"{name}: limit by batch size (images/s): "
                   + ", ".join(f"{b}: {r.images_s:.1f}" for b, r in sweep.items()) + f"; best {best}", flush=True)
-            measure_served(servers["served"], "bench", folder, len(files), out / "warmup.jsonl", args.concurrency)
+            # Warm-up, untimed: the frontend's JIT needs a few hundred requests of a size to settle
+            # (its CPU per 12 MP request falls from ~30 to ~9 ms), and the first batches are slow.
+            for _ in range(WARMUP_PASSES):
+                measure_served(servers["served"], "bench", folder, len(files), out / "warmup.jsonl", args.concurrency)
             if "stock" in servers:
-                measure_stock(servers["stock"], "stock", files[:4])  # warm-up: first requests load lazily
+                measure_stock(servers["stock"], "stock", files)
             runs: dict[str, list[Result]] = {"limit": [], "served": [], "stock": []}
             for i in range(args.runs):
                 runs["limit"].append(measure_limit(files, model, cfg, labels, best, pool))
@@ -359,7 +410,7 @@ def main(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - started
     table = format_table(rows)
     machine = machine_description()
-    print("\n" + table + "\n")
+    print("\n" + table + "\n\n" + format_cpu_table(rows) + "\n")
     (WORK / "results").mkdir(exist_ok=True)
     (WORK / "results" / "latest.json").write_text(json.dumps({"machine": machine, "rows": rows, "sweeps": sweeps},
                                                              indent=2))
@@ -372,6 +423,9 @@ def main(args: argparse.Namespace) -> None:
              f"Stock: image_classifier handler, batch size 1, config.properties' default workers, "
              f"one request at a time (keep-alive).  ",
              f"Each figure is the median of {args.runs} runs taken in interleaved rounds.", "", table, "",
+             "CPU time per image (median of the same runs; the limit's is all in the client column, "
+             "this process; the served client's includes classify_dir.py's start, about 0.3 s a run):", "",
+             format_cpu_table(rows), "",
              "Limit by batch size (images/s): " + "; ".join(
                  f"{SET_TITLES[s]}: " + ", ".join(f"{b}: {v:.1f}" for b, v in sw.items()) for s, sw in sweeps.items()),
              "", f"![images/s per path]({Path(args.chart).name})"]
@@ -388,16 +442,17 @@ def tune(args, run_dir, sets, store, model, cfg, labels, out, started, pool) -> 
     """Served as it is now and each variant, interleaved round by round; prints the table."""
     variants = [parse_spec("")] + [parse_spec(spec) for spec in args.tune]
     servers: list[assets.Server] = []
-    lines = ["| set | variant | images/s | p50 ms | p95 ms | vs as is | vs limit |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| set | variant | images/s | p50 ms | p95 ms | vs as is | vs limit | CPU ms/image client, Java, workers |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     try:
         for i, variant in enumerate(variants):
             servers.append(start_variant(i, variant, run_dir, store))
         print(f"tune: {len(servers)} servers ready after {time.perf_counter() - started:.0f}s", flush=True)
         for name, files in sets.items():
             folder = files[0].parent
-            for server, variant in zip(servers, variants):  # warm-up
-                measure_served(server, "tune" + str(servers.index(server)), folder, len(files),
-                               out / "warmup.jsonl", variant["concurrency"])
+            for i, (server, variant) in enumerate(zip(servers, variants)):  # warm-up
+                for _ in range(WARMUP_PASSES):
+                    measure_served(server, f"tune{i}", folder, len(files), out / "warmup.jsonl", variant["concurrency"])
             runs: list[list[Result]] = [[] for _ in variants]
             limit: list[Result] = []
             for r in range(args.runs):
@@ -410,11 +465,12 @@ def tune(args, run_dir, sets, store, model, cfg, labels, out, started, pool) -> 
                       + f"; load {load_average()}", flush=True)
             base, lim = median_result(runs[0]), median_result(limit)
             lines.append(f"| {name} | limit (batch {args.limit_batch_size}) | {lim.images_s:.1f} | {lim.p50_ms:.0f} "
-                         f"| {lim.p95_ms:.0f} | | |")
+                         f"| {lim.p95_ms:.0f} | | | {lim.cpu_ms['this process']:.1f} (in-process) |")
             for variant, results in zip(variants, runs):
                 m = median_result(results)
+                cpu = ", ".join(f"{v:.1f}" for v in m.cpu_ms.values())
                 lines.append(f"| {name} | {variant['name']} | {m.images_s:.1f} | {m.p50_ms:.0f} | {m.p95_ms:.0f} "
-                             f"| {m.images_s / base.images_s:.2f}x | {m.images_s / lim.images_s:.2f}x |")
+                             f"| {m.images_s / base.images_s:.2f}x | {m.images_s / lim.images_s:.2f}x | {cpu} |")
     finally:
         for server in servers:
             server.stop()
