@@ -47,7 +47,7 @@ MARK_BEGIN = "<!-- benchmark.py: results begin -->"
 MARK_END = "<!-- benchmark.py: results end -->"
 SETS = ("png", "photo")
 WARMUP_PASSES = 2  # untimed passes over a set before the served runs
-SET_TITLES = {"png": "digit PNGs (32x32)", "photo": "camera JPEGs"}
+SET_TITLES = {"png": "digit PNGs (32x32)", "photo": "12 MP camera JPEGs"}
 SPEC_KEYS = {"batch": "batchSize", "delay": "maxBatchDelay", "threads": "handler.cpu_threads"}
 SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
                      r"latency ms p50 ([\d.]+) p95 ([\d.]+)")
@@ -309,7 +309,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--photos", type=int, default=48, help="images in the photo set")
     parser.add_argument("--photo-size", default="4032x3024", help="WxH of the photos (12.2 MP)")
     parser.add_argument("--sets", default="png,photo", help="comma-separated sets to measure")
-    parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported")
     parser.add_argument("--batch-sizes", default="1,4,8,16,32", help="batch sizes tried for the limit")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="classify_dir.py --concurrency (default: classify_dir.py's own default)")
