@@ -47,7 +47,8 @@ MARK_BEGIN = "<!-- benchmark.py: results begin -->"
 MARK_END = "<!-- benchmark.py: results end -->"
 SETS = ("png", "photo")
 TARGET_LIMIT, TARGET_STOCK = 0.9, 3.0  # issue 6: served/limit on both sets, served/stock on photos
-WARMUP_PASSES = 2  # untimed passes over a set before the served runs
+WARMUP_PASSES = 2
+DISTURBED_SPREAD = 1.25  # fastest / slowest run of one path above this: other work shared the cores  # untimed passes over a set before the served runs
 SET_TITLES = {"png": "digit PNGs (32x32)", "photo": "12 MP camera JPEGs"}
 SPEC_KEYS = {"batch": "batchSize", "delay": "maxBatchDelay", "threads": "handler.cpu_threads"}
 SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
@@ -372,6 +373,7 @@ def main(args: argparse.Namespace) -> None:
     servers: dict[str, assets.Server] = {}
     rows: list[dict] = []
     sweeps: dict[str, dict[int, float]] = {}
+    notes: list[str] = []
     try:
         servers["served"] = assets.Server(WORK / "servers" / "served", store,
                                           [assets.archive_project(run_dir, store, "bench")])
@@ -409,6 +411,11 @@ def main(args: argparse.Namespace) -> None:
                 print(f"{name} round {i + 1}: " + ", ".join(f"{p} {r[-1].images_s:.1f}/s" for p, r in runs.items()
                                                               if r) + f"; load {load_average()}", flush=True)
             medians = {p: median_result(r) for p, r in runs.items() if r}
+            spread = max(max(x.images_s for x in r) / min(x.images_s for x in r) for r in runs.values() if r)
+            if spread > DISTURBED_SPREAD:
+                notes.append(f"{SET_TITLES[name]}: runs of one path differ up to {spread:.2f}x "
+                                f"(load average {load_average()}): the machine was busy; rerun for clean figures")
+                print(f"warning: {notes[-1]}", flush=True)
             for path, result in medians.items():
                 label = {"limit": f"limit (in-process, batch {best})", "served": "served (this project)",
                          "stock": "stock image_classifier"}[path]
@@ -437,7 +444,7 @@ def main(args: argparse.Namespace) -> None:
              f"Stock: image_classifier handler, batch size 1, config.properties' default workers, "
              f"one request at a time (keep-alive).  ",
              f"Each figure is the median of {args.runs} runs taken in interleaved rounds.", "", table, "",
-             format_targets(rows), "",
+             format_targets(rows), "", *(f"**Warning**: {w}.  " for w in notes), "",
              "CPU time per image (median of the same runs; the limit's is all in the client column, "
              "this process; the served client's includes classify_dir.py's start, about 0.3 s a run):", "",
              format_cpu_table(rows), "",
