@@ -97,7 +97,8 @@ def load_model(path: str | os.PathLike, device: torch.device, half: bool) -> tor
             try:
                 return torch.jit.optimize_for_inference(torch.jit.freeze(model))
             except Exception as e:  # noqa: BLE001 - an unusual model still serves, unoptimised
-                logger.warning("serving %s unoptimised: freezing it failed (%s: %s)", path, type(e).__name__, e)
+                logger.warning("serving %s unoptimised: freezing it failed (%s: %s)", path,
+                               type(e).__name__, e)
     return model
 
 

@@ -6,7 +6,6 @@ TorchServe's stock image_classifier handler imports; it goes into bench/site, ne
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -209,7 +208,7 @@ class Server:
     def __init__(self, base: Path, store: Path, mars: list[str], env: dict[str, str] | None = None,
                  config: Path | None = None):
         self.base, self.store, self.mars = base, store, mars
-        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
         self.extra_env, self.config = dict(env or {}), config
         self.tmpdir = base / "logs" / "tmp"
         if len(str(self.tmpdir)) > 70:  # the workers' Unix socket paths must stay under 108 bytes
@@ -246,7 +245,8 @@ class Server:
         self.key_file.parent.mkdir(parents=True, exist_ok=True)
         result = self._serve("start", *self.mars)
         if result.returncode != 0:
-            raise RuntimeError(f"serve.sh start {' '.join(self.mars)} failed:\n{result.stdout}{result.stderr}")
+            raise RuntimeError(f"serve.sh start {' '.join(self.mars)} failed:\n"
+                               f"{result.stdout}{result.stderr}")
 
     def pid(self) -> int | None:
         state = self.base / "logs" / "serve.state"

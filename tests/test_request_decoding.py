@@ -73,8 +73,11 @@ def test_decode_batch_in_a_thread_pool_gives_the_same_items_in_order():
         threaded = decode_batch(rows, CFG, 99, pool)
     sequential = decode_batch(rows, CFG, 99)
     assert [type(i).__name__ for i in threaded] == ["Tensor", "BadImage", "BadImage", "BadImage", "Tensor"]
-    for a, b in zip(threaded, sequential):
-        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else (a.code, a.message) == (b.code, b.message)
+    for a, b in zip(threaded, sequential, strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        else:
+            assert (a.code, a.message) == (b.code, b.message)
 
 
 def test_decode_batch_applies_the_pixel_limit():

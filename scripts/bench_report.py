@@ -1,0 +1,120 @@
+"""The tables, the Markdown block and the bar chart of scripts/benchmark.py."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK_BEGIN = "<!-- benchmark.py: results begin -->"
+MARK_END = "<!-- benchmark.py: results end -->"
+SETS = ("png", "photo")
+TARGET_LIMIT, TARGET_STOCK = 0.9, 3.0  # issue 6: served/limit on both sets, served/stock on photos
+SET_TITLES = {"png": "digit PNGs (32x32)", "photo": "12 MP camera JPEGs"}
+
+
+def machine_description() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cores} cores ({cpu}), torch {torch.__version__}, {platform.python_implementation()} " \
+           f"{platform.python_version()}"
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def served_settings() -> str:
+    config = yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())
+    threads = (config.get("handler") or {}).get("cpu_threads")
+    return (f"batchSize {config.get('batchSize')}, maxBatchDelay {config.get('maxBatchDelay')} ms, "
+            f"{config.get('maxWorkers')} worker(s), cpu_threads {threads}")
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results table in Markdown."""
+    lines = ["| set | images | path | images/s | p50 ms | p95 ms | served/limit | served/stock |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        ratios = ["", ""]
+        if row["path"] == "served":
+            ratios = [f"**{row['served_limit']:.2f}x**", f"**{row['served_stock']:.2f}x**"
+                      if row.get("served_stock") else "-"]
+        lines.append(f"| {SET_TITLES[row['set']]} | {row['images']} | {row['label']} | "
+                     f"{row['images_s']:.1f} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+                     f"{ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines)
+
+
+def format_targets(rows: list[dict]) -> str:
+    """The issue's targets: served >= 0.9x limit on every set, >= 3x stock on the photos."""
+    lines = ["| target | set | measured | |", "| --- | --- | ---: | --- |"]
+    for row in (r for r in rows if r["path"] == "served"):
+        checks = [("served >= 0.9x limit", row["served_limit"], TARGET_LIMIT)]
+        if row["set"] == "photo" and row.get("served_stock"):
+            checks.append(("served >= 3x stock", row["served_stock"], TARGET_STOCK))
+        for name, value, goal in checks:
+            verdict = "met" if value >= goal else f"**missed by {goal - value:.2f}x**"
+            lines.append(f"| {name} | {SET_TITLES[row['set']]} | {value:.2f}x | {verdict} |")
+    return "\n".join(lines)
+
+
+def format_cpu_table(rows: list[dict]) -> str:
+    """CPU milliseconds per image by process: where the served path's time goes beside the limit's."""
+    lines = ["| set | path | CPU ms/image | client | frontend (Java) | workers |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        cpu = row["cpu_ms"]
+        client = cpu.get("client", cpu.get("this process", 0.0))
+        parts = [f"{client:.1f}"] + [f"{cpu[k]:.1f}" if k in cpu else "-"
+                                     for k in ("frontend (Java)", "workers")]
+        lines.append(f"| {SET_TITLES[row['set']]} | {row['path']} | {sum(cpu.values()):.1f} | "
+                     + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def write_chart(rows: list[dict], png: Path, title: str) -> None:
+    """Grouped bars: images/s of limit, served and stock per set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = ["limit", "served", "stock"]
+    colours = {"limit": "#9e9e9e", "served": "#1f77b4", "stock": "#ff7f0e"}
+    sets = [s for s in SETS if any(r["set"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 4), squeeze=False)
+    for ax, name in zip(axes[0], sets, strict=True):
+        values = {r["path"]: r["images_s"] for r in rows if r["set"] == name}
+        shown = [p for p in paths if p in values]
+        bars = ax.bar(shown, [values[p] for p in shown], color=[colours[p] for p in shown])
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_title(SET_TITLES[name])
+        ax.set_ylabel("images/s")
+        ax.margins(y=0.15)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def write_markdown(md: Path, block: str) -> None:
+    """Replace the generated block of `md` (between the markers), keeping the rest (the tuning notes)."""
+    block = f"{MARK_BEGIN}\n{block.strip()}\n{MARK_END}"
+    text = md.read_text(encoding="utf-8") if md.exists() else f"# Benchmark\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        text = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text, encoding="utf-8")
