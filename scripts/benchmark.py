@@ -350,6 +350,7 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
         json.dumps({"machine": machine, "rows": rows, "sweeps": sweeps}, indent=2))
     sweep_text = "; ".join(f"{SET_TITLES[s]}: " + ", ".join(f"{b}: {v:.1f}" for b, v in sw.items())
                            for s, sw in sweeps.items())
+    warning_lines = [f"**Warning**: {w}.  " for w in warnings] + [""] if warnings else []
     block = [f"## Results (`make bench`, {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.1f} min)", "",
              f"Machine: {machine}; load average at the end {load_average()}.  ",
              f"Model: {args.arch} at {args.image_size}x{args.image_size}, 10 classes, random fixed-seed "
@@ -359,7 +360,7 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
              "Stock: image_classifier handler, batch size 1, config.properties' default workers, "
              "one request at a time (keep-alive).  ",
              f"Each figure is the median of {args.runs} runs taken in interleaved rounds.", "", table, "",
-             format_targets(rows), "", *(f"**Warning**: {w}.  " for w in warnings), "",
+             format_targets(rows), "", *warning_lines,
              "CPU time per image (median of the same runs; the limit's is all in the client column, "
              "this process; the served client's includes classify_dir.py's start, about 0.3 s a run):", "",
              cpu_table, "", f"Limit by batch size (images/s): {sweep_text}", "",
