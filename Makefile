@@ -17,4 +17,4 @@ bench: install
 	$(PY) scripts/benchmark.py
 
 clean:
-	rm -rf runs logs $(DEMO) model_store/*.mar .pytest_cache
+	rm -rf runs logs $(DEMO) model_store/*.mar .pytest_cache bench
