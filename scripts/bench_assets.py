@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ if str(ROOT) not in sys.path:  # run as a script: make the repository's packages
     sys.path.insert(0, str(ROOT))
 
 from handler.preprocessing import PreprocessConfig  # noqa: E402
+from scripts.local_server import free_port_env, read_pid, serve_env, short_tmpdir  # noqa: E402
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 ARCHIVER = ROOT / ".venv" / "bin" / "torch-model-archiver"
@@ -31,9 +31,6 @@ SERVE = ROOT / "scripts" / "serve.sh"
 CAPTUM = "captum==0.9.0"  # imported by ts/torch_handler/vision_handler.py; pure Python
 HANDLER_FILES = ("classifier_handler.py", "preprocessing.py", "request_decoding.py", "batch_inference.py",
                  "model-config.yaml")
-DEFAULT_PORTS = {8080, 8081, 8082, 7070, 7071, 9000}  # a demo server's; never take them
-PORT_NAMES = ("TS_INFERENCE_PORT", "TS_MANAGEMENT_PORT", "TS_METRICS_PORT",
-              "TS_GRPC_INFERENCE_PORT", "TS_GRPC_MANAGEMENT_PORT", "TS_WORKER_PORT")
 PHOTO_SOURCES = ("china.jpg", "flower.jpg")  # scikit-learn's bundled photos, 640x427
 PHOTO_NOISE = 4.0  # sensor-like grain (std, 0-255): a smooth upscale would compress far below a camera's
 
@@ -185,34 +182,15 @@ def archive_variant(run_dir: Path, store: Path, name: str, handler_dir: Path,
     return f"{name}-1.0.mar"
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1, none of TorchServe's defaults (as tests/conftest.py)."""
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-            port = s.getsockname()[1]
-            if port not in DEFAULT_PORTS and port not in ports:
-                ports.append(port)
-    finally:
-        for s in sockets:
-            s.close()
-    return ports
-
-
 class Server:
     """A TorchServe started by scripts/serve.sh on free loopback ports with its own logs and TMPDIR."""
 
     def __init__(self, base: Path, store: Path, mars: list[str], env: dict[str, str] | None = None,
                  config: Path | None = None):
         self.base, self.store, self.mars = base, store, mars
-        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+        self.ports = free_port_env()
         self.extra_env, self.config = dict(env or {}), config
-        self.tmpdir = base / "logs" / "tmp"
-        if len(str(self.tmpdir)) > 70:  # the workers' Unix socket paths must stay under 108 bytes
-            self.tmpdir = Path(tempfile.mkdtemp(prefix="tsb-", dir="/tmp"))
+        self.tmpdir = short_tmpdir(base / "logs" / "tmp", prefix="tsb-")
 
     @property
     def url(self) -> str:
@@ -227,14 +205,9 @@ class Server:
         return self.base / "keys" / "key_file.json"
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "MODEL_STORE"}
-        env.update({k: str(v) for k, v in self.ports.items()})
-        env.update(MODEL_STORE=str(self.store), TS_LOG_DIR=str(self.base / "logs"),
-                   TS_KEY_DIR=str(self.key_file.parent), TS_TMPDIR=str(self.tmpdir), TS_START_TIMEOUT="180")
-        if self.config:
-            env["TS_CONFIG"] = str(self.config)
-        env.update(self.extra_env)
-        return env
+        extra = {"TS_CONFIG": str(self.config)} if self.config else {}
+        return serve_env(self.ports, self.store, self.base / "logs", self.key_file.parent, self.tmpdir, 180,
+                         **extra, **self.extra_env)
 
     def _serve(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SERVE), *args], env=self._env(), capture_output=True, text=True,
@@ -249,11 +222,7 @@ class Server:
                                f"{result.stdout}{result.stderr}")
 
     def pid(self) -> int | None:
-        state = self.base / "logs" / "serve.state"
-        for line in state.read_text().splitlines() if state.exists() else []:
-            if line.startswith("pid="):
-                return int(line.split("=", 1)[1])
-        return None
+        return read_pid(self.base / "logs")
 
     def stop(self) -> None:
         """serve.sh stop (by the pid it recorded); SIGKILL that pid if the stop fails."""

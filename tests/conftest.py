@@ -4,10 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,32 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 SERVE = REPO / "scripts" / "serve.sh"
 ARCHIVE = REPO / "scripts" / "archive.sh"
 PYTHON = REPO / ".venv" / "bin" / "python"
-DEFAULT_PORTS = {8080, 8081, 8082, 7070, 7071, 9000}
-PORT_NAMES = ("TS_INFERENCE_PORT", "TS_MANAGEMENT_PORT", "TS_METRICS_PORT",
-              "TS_GRPC_INFERENCE_PORT", "TS_GRPC_MANAGEMENT_PORT", "TS_WORKER_PORT")
 MODEL, VERSION = "tiny", "1.0"
 LABELS = ["red", "green", "blue"]  # TinyNet: class i reacts to channel i
 
 sys.path.insert(0, str(REPO))
 from scripts import tsclient  # noqa: E402
+from scripts.local_server import free_port_env, read_pid, serve_env, short_tmpdir  # noqa: E402
 from tests.tiny_model import make_tiny_run  # noqa: E402
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1, none of TorchServe's defaults."""
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-            port = s.getsockname()[1]
-            if port not in DEFAULT_PORTS and port not in ports:
-                ports.append(port)
-    finally:
-        for s in sockets:
-            s.close()
-    return ports
 
 
 @dataclass
@@ -80,13 +59,8 @@ class Server:
         return f"http://127.0.0.1:{self.ports['TS_METRICS_PORT']}"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "MODEL_STORE"}
-        env.update({k: str(v) for k, v in self.ports.items()})
-        env.update(MODEL_STORE=str(self.store), TS_LOG_DIR=str(self.log_dir),
-                   TS_KEY_DIR=str(self.key_file.parent), TS_START_TIMEOUT="120",
-                   TS_TMPDIR=str(self.tmpdir or self.log_dir / "tmp"))
-        env.update(extra)
-        return env
+        return serve_env(self.ports, self.store, self.log_dir, self.key_file.parent,
+                         self.tmpdir or self.log_dir / "tmp", 120, **extra)
 
     def serve(self, *args: str, timeout: float = 150, **extra: str) -> subprocess.CompletedProcess:
         """Run scripts/serve.sh with this server's environment; output captured."""
@@ -103,13 +77,7 @@ class Server:
 
     def pid(self) -> int | None:
         """The frontend's pid from serve.sh's state file, None when not running."""
-        state = self.log_dir / "serve.state"
-        if not state.exists():
-            return None
-        for line in state.read_text().splitlines():
-            if line.startswith("pid="):
-                return int(line.split("=", 1)[1])
-        return None
+        return read_pid(self.log_dir)
 
     def keys(self) -> tsclient.Keys:
         return tsclient.Keys(self.key_file, self.management_url)
@@ -136,10 +104,8 @@ class Server:
 def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
     """A Server description on six fresh ports (not started)."""
     (base / "keys").mkdir(parents=True, exist_ok=True)
-    tmpdir = base / "logs" / "tmp"
-    if len(str(tmpdir)) > 70 and Path("/tmp").is_dir():  # a Unix socket path has at most 107 bytes
-        tmpdir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    return Server(base=base, store=store, run_dir=run_dir, ports=dict(zip(PORT_NAMES, free_ports(6))),
+    tmpdir = short_tmpdir(base / "logs" / "tmp")
+    return Server(base=base, store=store, run_dir=run_dir, ports=free_port_env(),
                   mars=mars, tmpdir=tmpdir)
 
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from scripts import predict, results, tsclient, walk
-from tests.conftest import PYTHON, REPO, archive, free_ports, wait_for
+from scripts.local_server import free_ports
+from tests.conftest import PYTHON, REPO, archive, wait_for
 from tests.image_zoo import write_zoo
 
 CLIENT = REPO / "scripts" / "classify_dir.py"

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from scripts import management, tsclient
+from scripts.local_server import free_ports
 from scripts.mar import read_manifest
-from tests.conftest import LABELS, PYTHON, REPO, archive, free_ports, make_server, wait_for
+from tests.conftest import LABELS, PYTHON, REPO, archive, make_server, wait_for
 
 pytestmark = pytest.mark.integration
 
