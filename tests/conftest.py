@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +102,19 @@ class Server:
             except ProcessLookupError:
                 pass
 
+    @contextmanager
+    def running(self) -> Iterator["Server"]:
+        """Started for the block; stopped by its pid afterwards, even when the block fails."""
+        try:
+            self.start()
+            yield self
+        finally:
+            try:
+                self.stop()
+            except (AssertionError, subprocess.TimeoutExpired):
+                self.kill()
+            self.remove_tmpdir()
+
 
 def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
     """A Server description on six fresh ports (not started)."""
@@ -127,24 +142,17 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_run) -> Server:
     """The session's TorchServe serving tiny 1.0; stopped by pid at the end, even on failure."""
+    # Fail, never skip: `make install` provides both, and these are core tests.
     if shutil.which("java") is None:
-        pytest.skip("java not found: TorchServe's frontend needs Java >= 11")
+        pytest.fail("java not found: TorchServe's frontend needs Java >= 11 (run `make install`)")
     if not (REPO / ".venv" / "bin" / "torchserve").exists():
-        pytest.skip(".venv/bin/torchserve not found: run `make install`")
+        pytest.fail(".venv/bin/torchserve not found: run `make install`")
     base = tmp_path_factory.mktemp("ts")
     store = base / "store"
     store.mkdir()
     archive(tiny_run, store, MODEL, VERSION)
-    srv = make_server(base, store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
-    try:
-        srv.start()
+    with make_server(base, store, tiny_run, [f"{MODEL}-{VERSION}.mar"]).running() as srv:
         yield srv
-    finally:
-        try:
-            srv.stop()
-        except (AssertionError, subprocess.TimeoutExpired):
-            srv.kill()
-        srv.remove_tmpdir()
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:

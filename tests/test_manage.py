@@ -103,14 +103,8 @@ def mserver(tmp_path_factory, tiny_run):
             clone_mar(source, store / f"{name}-{version}.mar", name, version)
     srv = make_server(base, store, tiny_run, [])
     srv.source_mar = source
-    try:
-        srv.start()
+    with srv.running():
         yield srv
-    finally:
-        try:
-            srv.stop()
-        except (AssertionError, subprocess.TimeoutExpired):
-            srv.kill()
 
 
 # ---- no server ----
