@@ -74,10 +74,12 @@ class PreprocessConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: {e}") from None
 
+    def to_dict(self) -> dict:
+        """The JSON form of preprocess.json (lists, not tuples)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
     def save(self, path: str | os.PathLike) -> None:
-        data = asdict(self)
-        data["image_size"] = list(self.image_size)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
 def open_image(source: ImageSource, *, size: tuple[int, int] | None = None,

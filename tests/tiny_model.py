@@ -6,13 +6,13 @@ can predict outputs by hand: logits = W @ mean_rgb + b.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from handler.preprocessing import PreprocessConfig
+from training.export import script_model
 
 
 class TinyNet(nn.Module):
@@ -36,9 +36,7 @@ def make_tiny_run(run_dir: str | Path, num_classes: int = 3, image_size=(8, 8),
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     labels = labels or [f"class_{i}" for i in range(num_classes)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(TinyNet(num_classes).eval())
+    scripted = script_model(TinyNet(num_classes).eval())
     scripted.save(str(run_dir / "model.pt"))
     (run_dir / "index_to_name.json").write_text(
         json.dumps({str(i): name for i, name in enumerate(labels)}, indent=2), encoding="utf-8")

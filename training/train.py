@@ -219,7 +219,7 @@ def main(args: argparse.Namespace) -> None:
               f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f}s")
         torch.save({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args), "arch": args.arch,
-                    "classes": classes, "preprocess": json.loads(json.dumps(cfg.__dict__)),
+                    "classes": classes, "preprocess": cfg.to_dict(),
                     "history": history, "best_acc": best_acc}, checkpoint_path)
     train_seconds = time.perf_counter() - start
 
