@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -23,9 +24,10 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts` and `train
     sys.path.insert(0, str(REPO_ROOT))
 
 from scripts import tsclient  # noqa: E402
-from scripts.predict import Classifier, Fatal, VersionTracker, resolve_model, wait_for_server  # noqa: E402
+from scripts.predict import (Classifier, Fatal, VersionTracker, check_workers, resolve_model,  # noqa: E402
+                             wait_for_server)
 from scripts.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics  # noqa: E402
-from scripts.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of  # noqa: E402
+from scripts.walk import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, true_label_of  # noqa: E402
 from training.errors import UserError, run_main  # noqa: E402
 
 
@@ -52,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "502/503/504/507), with exponential backoff (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for one answer (default: %(default)s)")
+    parser.add_argument("--max-request-size", type=int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
+                        help="larger files get an error row without being read: the server's "
+                             "max_request_size, 64 MiB in config.properties (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the output's ok rows, classify only the other files")
     parser.add_argument("--class-folders", action="store_true",
@@ -65,8 +70,10 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise UserError(f"not a folder: {args.dir}")
-    if args.concurrency < 1 or args.topk < 1 or args.retries < 0 or args.timeout <= 0:
-        raise UserError("--concurrency and --topk must be >= 1, --retries >= 0, --timeout > 0")
+    if (args.concurrency < 1 or args.topk < 1 or args.retries < 0 or args.timeout <= 0
+            or args.max_request_size < 1):
+        raise UserError("--concurrency, --topk and --max-request-size must be >= 1, --retries >= 0, "
+                        "--timeout > 0")
     extensions = {("." + e.strip().lstrip(".")).lower() for e in args.extensions.split(",") if e.strip()}
     if not extensions:
         raise UserError("--extensions names no extension")
@@ -83,15 +90,16 @@ def main(args: argparse.Namespace) -> int:
 
     wait_for_server(url, keys, args.retries)
     model = resolve_model(args, management_url, keys)
+    check_workers(management_url, keys, model, args.version)
     versions = VersionTracker(management_url, keys, model, args.version)
-    classifier = Classifier(url, model, args.version, keys, versions,
-                            topk=args.topk, retries=args.retries, timeout=args.timeout)
+    classifier = Classifier(url, model, args.version, keys, versions, topk=args.topk, retries=args.retries,
+                            timeout=args.timeout, max_bytes=args.max_request_size)
     stats = Stats()
     done = keep_finished_rows(output, fields, stats) if args.resume else set()
     writer = RowWriter(output, fields, append=args.resume)
-    skip = frozenset({output.resolve(), png.resolve()})
+    skip = frozenset({output, png})  # matched by file identity: DIR may be relative, or reach them by a link
     started = time.perf_counter()
-    fatal = None
+    fatal, interrupted = None, False
     bar = tqdm(unit="file", disable=not sys.stderr.isatty(), dynamic_ncols=True)
     pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="classify")
     pending: set = set()
@@ -129,11 +137,13 @@ def main(args: argparse.Namespace) -> int:
         while pending:
             collect()
     except KeyboardInterrupt:
+        interrupted = True
         classifier.abort.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+        raise KeyboardInterrupt(f"{stats.files} rows kept in {output}; "
+                                f"rerun with --resume to finish") from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # interrupted: no waiting for the requests in flight (up to --timeout); the rows written stay
+        pool.shutdown(wait=not interrupted, cancel_futures=True)
         writer.close()
         bar.close()
     elapsed = time.perf_counter() - started
@@ -157,6 +167,15 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     def _main(args: argparse.Namespace) -> None:
-        sys.exit(main(args))
+        try:
+            code = main(args)
+        except KeyboardInterrupt as e:
+            # the pool's threads may sit in a socket read until --timeout and the interpreter
+            # joins them at exit: leave now, the rows are already flushed
+            print(f"interrupted: {e}" if e.args else "interrupted", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        sys.exit(code)
 
     run_main(_main, get_args_parser().parse_args())

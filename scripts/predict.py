@@ -14,6 +14,7 @@ import requests
 
 from scripts import tsclient
 from scripts.results import error_row, ok_row
+from scripts.walk import DEFAULT_MAX_BYTES, Refused, read_image
 from training.errors import UserError
 
 logger = logging.getLogger("classify_dir")
@@ -65,10 +66,11 @@ class Classifier:
     """Sends one file, with retries and key renewal; thread-safe, one keep-alive session per thread."""
 
     def __init__(self, url: str, model: str, version: str | None, keys: tsclient.Keys,
-                 versions: VersionTracker, *, topk: int, retries: int, timeout: float):
+                 versions: VersionTracker, *, topk: int, retries: int, timeout: float,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
         self.endpoint = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
-        self.model, self.keys, self.versions = model, keys, versions
-        self.topk, self.retries, self.timeout = topk, retries, timeout
+        self.model, self.version, self.keys, self.versions = model, version, keys, versions
+        self.topk, self.retries, self.timeout, self.max_bytes = topk, retries, timeout, max_bytes
         self.abort = threading.Event()
         self._local = threading.local()
 
@@ -81,9 +83,9 @@ class Classifier:
         """One file -> (row, failure reason or None); None when the run was aborted first."""
         row = {"path": rel, "model": self.model}
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            return error_row(row, f"cannot read the file: {e.strerror or e}", None), "unreadable"
+            data = read_image(path, self.max_bytes)
+        except Refused as e:
+            return error_row(row, str(e), None), e.reason
         attempt, refreshes = 0, 0
         while not self.abort.is_set():
             key = self.keys.get("inference")
@@ -108,6 +110,8 @@ class Classifier:
             if response is not None and response.status_code == 404 and _is_unknown_model(response):
                 message = tsclient.error_message(response) or f"HTTP {response.status_code}"
                 raise Fatal(f"{self.endpoint}: {message}")
+            if response is not None and response.status_code == 503 and attempt >= self.retries:
+                self._stop_without_workers()
             if transient and attempt < self.retries:
                 self.abort.wait(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt) * random.uniform(0.75, 1.25))
                 attempt += 1
@@ -127,6 +131,37 @@ class Classifier:
             message = tsclient.error_message(response) or f"HTTP {response.status_code}"
             return error_row(row, message, response.status_code), reason
         return None
+
+
+    def _stop_without_workers(self) -> None:
+        """After a last 503: Fatal when no worker of the version is READY (every answer would be 503)."""
+        found = version_workers(self.versions.management_url, self.keys, self.model, self.version)
+        if found is not None and not any(w.get("status") == "READY" for w in found[1]):
+            raise Fatal(f"model '{self.model}' version {found[0]} has no READY worker and answers 503; "
+                        f"add one: scripts/manage.py scale {self.model} {found[0]} --min 1")
+
+
+def version_workers(management_url: str, keys: tsclient.Keys, model: str,
+                    version: str | None) -> tuple[str, list[dict]] | None:
+    """(version, its workers) for `version` (None: the default) from the management API; None if unknown."""
+    url = f"{management_url}/models/{model}" + (f"/{version}" if version else "")
+    try:
+        response = tsclient.request_with_key(tsclient.new_session(1), "GET", url, keys, "management",
+                                             timeout=10)
+        response.raise_for_status()
+        description = response.json()[0]
+        return str(description["modelVersion"]), list(description.get("workers") or [])
+    except (requests.RequestException, tsclient.KeyRejected, ValueError, LookupError, TypeError) as e:
+        logger.debug("workers of %s unknown: %s", model, e)
+        return None
+
+
+def check_workers(management_url: str, keys: tsclient.Keys, model: str, version: str | None) -> None:
+    """Before a run: Fatal when the version has no worker at all, so nothing could answer."""
+    found = version_workers(management_url, keys, model, version)
+    if found is not None and not found[1]:
+        raise Fatal(f"model '{model}' version {found[0]} has no worker, so every request would get 503; "
+                    f"add one: scripts/manage.py scale {model} {found[0]} --min 1")
 
 
 def _is_unknown_model(response: requests.Response) -> bool:

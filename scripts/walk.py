@@ -3,16 +3,41 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
 logger = logging.getLogger("classify_dir")
 DEFAULT_EXTENSIONS = ".jpg,.jpeg,.png,.bmp,.gif,.webp,.tif,.tiff"
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # config.properties' max_request_size: the server answers 413 above it
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+class Refused(Exception):
+    """A file the client does not send; `reason` counts it in the summary, the message says why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)  # follows links: a file reached by any path or link has one identity
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def iter_files(root: Path, extensions: set[str], recursive: bool = True,
                skip: frozenset[Path] = frozenset()) -> Iterator[Path]:
-    """Files under root with one of the extensions (any case), in sorted order, each folder once."""
+    """Files under root with one of the extensions (any case), in sorted order, each folder once.
+
+    Every non-folder entry is yielded (links, broken ones, FIFOs, devices), so each becomes a row; the
+    files in `skip` (the run's own outputs) are recognised by identity, however DIR was written.
+    """
+    skip_ids = {i for i in map(_identity, skip) if i is not None}
     seen: set[tuple[int, int]] = set()
     stack: list[Iterator[os.DirEntry]] = []
 
@@ -40,11 +65,40 @@ def iter_files(root: Path, extensions: set[str], recursive: bool = True,
                 if recursive:
                     enter(entry.path)
             elif os.path.splitext(entry.name)[1].lower() in extensions:
-                # a broken link is yielded too: it becomes an "unreadable" row, not a silent gap
-                if (entry.is_file() or entry.is_symlink()) and Path(entry.path) not in skip:
+                # a broken link or a FIFO is yielded too: it becomes an error row, not a silent gap
+                if not skip_ids or _identity(entry.path) not in skip_ids:
                     yield Path(entry.path)
         except OSError:
             continue
+
+
+def read_image(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes (links resolved), at most `max_bytes`; Refused otherwise; never blocks."""
+    try:
+        # stat first: opening a FIFO blocks for a writer and opening a device can act on it
+        _check_regular(os.stat(path), max_bytes)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise Refused("unreadable", f"cannot read the file: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            _check_regular(os.fstat(fd), max_bytes)  # the path may name another file since the stat
+            data = f.read(max_bytes + 1)  # a file can grow, and /proc files say size 0
+        except OSError as e:
+            raise Refused("unreadable", f"cannot read the file: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise Refused("too large", f"file is over {max_bytes} bytes, the request size limit "
+                                   f"(--max-request-size)")
+    return data
+
+
+def _check_regular(st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "unknown kind")
+        raise Refused("not a regular file", f"not a regular file ({kind}): not sent")
+    if st.st_size > max_bytes:
+        raise Refused("too large", f"file is {st.st_size} bytes, over the request size limit of "
+                                   f"{max_bytes} bytes (--max-request-size)")
 
 
 def true_label_of(rel: str) -> str | None:
