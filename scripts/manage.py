@@ -29,6 +29,7 @@ from scripts.rollout import register, rollout, unregister  # noqa: E402
 from training.errors import UserError, run_main  # noqa: E402
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
+DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh
 
 
 def run_command(client: Client, args: argparse.Namespace) -> str:
@@ -55,7 +56,7 @@ def run_command(client: Client, args: argparse.Namespace) -> str:
         return "\n".join(lines)
     if args.command == "register":
         name, version = register(client, locate_mar(args.mar, args.model_store), args.workers,
-                                 args.batch_size, args.max_batch_delay)
+                                 args.batch_size, args.max_batch_delay, args.log_dir)
         entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
         return "register: " + format_version(entry, client.default_version(name))
     if args.command == "set-default":
@@ -69,7 +70,7 @@ def run_command(client: Client, args: argparse.Namespace) -> str:
         entry = client.call("GET", path, f"describe {args.name}")[0]
         return "scale: " + format_version(entry, client.default_version(args.name))
     if args.command == "unregister":
-        unregister(client, args.name, args.version, args.drain_seconds, args.drain_timeout)
+        unregister(client, args.name, args.version, args.drain_seconds, args.drain_timeout, args.log_dir)
         left = [v["modelVersion"] for v in client.versions(args.name)]
         return f"unregister: {args.name} {args.version} removed; versions left: {', '.join(left) or 'none'}"
     return rollout(client, args)
@@ -77,10 +78,10 @@ def run_command(client: Client, args: argparse.Namespace) -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     """Usage errors found before any request is sent."""
-    if (getattr(args, "workers", None) or 1) < 1 or (getattr(args, "batch_size", None) or 1) < 1:
-        raise UserError("--workers and --batch-size must be >= 1")
-    if (getattr(args, "max_batch_delay", None) or 0) < 0:
-        raise UserError("--max-batch-delay must be >= 0")
+    for flag, least in (("workers", 1), ("batch_size", 1), ("max_batch_delay", 0)):
+        value = getattr(args, flag, None)  # None: the archive's model-config.yaml decides
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, not {value}")
     if args.command == "scale" and (args.min < 0 or (args.max is not None and args.max < args.min)):
         raise UserError("scale needs 0 <= --min <= --max")
     if args.command == "rollout" and args.min_accuracy is not None:
@@ -88,6 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError("--min-accuracy must be between 0 and 1")
         if not args.smoke_dir:
             raise UserError("--min-accuracy needs --smoke-dir")
+    if args.command == "rollout" and not 0 <= args.max_accuracy_drop <= 1:
+        raise UserError("--max-accuracy-drop must be between 0 and 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
 
@@ -111,13 +114,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="server-side batch size (default: the archive's model-config.yaml)")
     workers.add_argument("--max-batch-delay", type=int, default=None,
                          help="ms a batch waits to fill (default: the archive's model-config.yaml)")
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument("--log-dir", type=Path, default=DEFAULT_LOG_DIR,
+                      help="the local server's log folder: a failed worker's reason, and the batches "
+                           "workers hold while draining (default: $TS_LOG_DIR, else logs/, as serve.sh)")
     drain_ = argparse.ArgumentParser(add_help=False)
     drain_.add_argument("--drain-seconds", type=float, default=2.0,
-                        help="seconds a version's queue must stay empty before it is removed "
-                             "(default: %(default)s)")
+                        help="seconds a version must stay idle (empty queue, no batch in a worker) "
+                             "before it is removed (default: %(default)s)")
     drain_.add_argument("--drain-timeout", type=float, default=60.0,
-                        help="seconds after which an undrained version is kept, not removed "
-                             "(default: %(default)s)")
+                        help="seconds, beyond the quiet period, after which a busy version is kept, "
+                             "not removed (default: %(default)s)")
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="one version (default: all)")
     p.add_argument("--json", action="store_true", help="print TorchServe's describe answer as JSON")
-    p = sub.add_parser("register", parents=[server, store, workers],
+    p = sub.add_parser("register", parents=[server, store, workers, logs],
                        help="register a .mar of the model store, wait until its workers are READY")
     p.add_argument("mar", metavar="MAR", help="archive path or file name in the model store")
     p = sub.add_parser("set-default", parents=[server], help="route /predictions/NAME to VERSION")
@@ -138,17 +145,23 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="version (default: the default version)")
     p.add_argument("--min", type=int, required=True, help="minimum workers")
     p.add_argument("--max", type=int, default=None, help="maximum workers (default: --min)")
-    p = sub.add_parser("unregister", parents=[server, drain_],
-                       help="remove a version once its queue has drained")
+    p = sub.add_parser("unregister", parents=[server, drain_, logs],
+                       help="remove a version once its queue has drained and its workers are idle")
     p.add_argument("name", metavar="NAME", help="model name")
     p.add_argument("version", metavar="VERSION", help="the version to remove")
-    p = sub.add_parser("rollout", parents=[server, store, workers, drain_],
+    p = sub.add_parser("rollout", parents=[server, store, workers, drain_, logs],
                        help="register, smoke-test, set default, retire the old default; roll back on failure")
     p.add_argument("mar", metavar="MAR", help="the new version's archive (path or file name in the store)")
     p.add_argument("--smoke-dir", default=None,
                    help="images that must all succeed on the new version (class folders: accuracy too)")
     p.add_argument("--min-accuracy", type=float, default=None,
                    help="with class folders in --smoke-dir: the least accuracy (0-1) the new version needs")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01,
+                   help="with class folders in --smoke-dir: the old default is measured on the same "
+                        "images and the new version may be at most this much (0-1) less accurate; "
+                        "1 allows any drop (default: %(default)s)")
+    p.add_argument("--new-model", action="store_true",
+                   help="allow a MAR whose model name the server does not serve yet, beside other models")
     p.add_argument("--keep-old", action="store_true", help="keep the old default version registered")
     return parser
 

@@ -10,19 +10,20 @@ from pathlib import Path
 
 import requests
 
-from scripts.management import Client, Refused, pending_requests, server_message
+from scripts.management import BatchWatch, Client, LogTail, Refused, pending_requests, server_message, worker_failure
 from scripts.mar import locate_mar, read_manifest
 from scripts.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of
 from training.errors import UserError
 
 
 def register(client: Client, mar: Path, workers: int | None, batch_size: int | None,
-             max_batch_delay: int | None) -> tuple[str, str]:
+             max_batch_delay: int | None, log_dir: Path | None = None) -> tuple[str, str]:
     """Register an archive of the store and wait until its workers are READY; (name, version)."""
     name, version = read_manifest(mar)
     if any(v["modelVersion"] == version for v in client.versions(name)):
         raise Refused(f"{name} version {version} is already registered: unregister it first, or "
                       f"archive the new model under a new version")
+    model_log = LogTail(log_dir / "model_log.log") if log_dir else None  # lines from here on
     try:
         client.call("POST", "/models", f"register {mar.name} ({name} {version})", url=mar.name,
                     synchronous="true", initial_workers=workers, batch_size=batch_size,
@@ -31,6 +32,9 @@ def register(client: Client, mar: Path, workers: int | None, batch_size: int | N
         if "Model not found at" in str(e):
             raise Refused(f"{e} (the server's model store has no {mar.name}: is --model-store the "
                           f"store it serves?)") from None
+        reason = model_log and worker_reason(model_log, name, version)
+        if reason:  # the API says only "Failed to start workers"; the worker's log says why
+            raise Refused(f"{e}; the worker said: {reason}") from None
         raise
     entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
     if workers and entry.get("minWorkers") != workers:  # the archive's maxWorkers caps initial_workers
@@ -39,15 +43,28 @@ def register(client: Client, mar: Path, workers: int | None, batch_size: int | N
     return name, version
 
 
-def drain(client: Client, name: str, version: str, quiet_s: float, timeout_s: float) -> bool:
-    """Wait until a version's queue has stayed empty for quiet_s seconds; False after timeout_s."""
-    deadline, quiet_since = time.monotonic() + timeout_s, None
+def worker_reason(model_log: LogTail, name: str, version: str) -> str | None:
+    """The exception line of a worker that failed to start; the log may trail the API by a moment."""
+    for _ in range(10):
+        reason = worker_failure(model_log, name, version)
+        if reason:
+            return reason
+        time.sleep(0.1)
+    return None
+
+
+def drain(client: Client, name: str, version: str, quiet_s: float, timeout_s: float,
+          watch: BatchWatch | None) -> bool:
+    """Wait until a version has had no queued request and no worker inside a batch for quiet_s
+    seconds; False after timeout_s more. Without `watch` only the queue is seen."""
+    deadline, quiet_since = time.monotonic() + quiet_s + timeout_s, None
     while time.monotonic() < deadline:
         entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}", ok_404=True)
         if not entry:
             return True
         now = time.monotonic()
-        if pending_requests(entry[0]):
+        ids = [str(w.get("id")) for w in entry[0].get("workers", [])]
+        if pending_requests(entry[0]) or (watch and watch.busy(ids)):
             quiet_since = None
         elif quiet_since is None:
             quiet_since = now
@@ -57,8 +74,10 @@ def drain(client: Client, name: str, version: str, quiet_s: float, timeout_s: fl
     return False
 
 
-def unregister(client: Client, name: str, version: str, quiet_s: float, timeout_s: float) -> None:
-    """Unregister a version once its queue has drained: TorchServe drops the jobs of a removed worker."""
+def unregister(client: Client, name: str, version: str, quiet_s: float, timeout_s: float,
+               log_dir: Path | None = None) -> None:
+    """Unregister a version once its queue is empty and its workers hold no batch: TorchServe never
+    answers the requests of a removed version (docs/rollout.md)."""
     versions = [v["modelVersion"] for v in client.versions(name)]
     if version not in versions:
         raise Refused(f"{name} has no version {version} (registered: {', '.join(versions) or 'none'})")
@@ -70,9 +89,18 @@ def unregister(client: Client, name: str, version: str, quiet_s: float, timeout_
                       f"(manage.py set-default {name} VERSION)")
     entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
     quiet_s = max(quiet_s, 2 * int(entry.get("maxBatchDelay") or 0) / 1000)  # a batch still filling
-    if not drain(client, name, version, quiet_s, timeout_s):
-        raise Refused(f"{name} {version} still has queued requests after {timeout_s:g}s (clients calling "
-                      f"/predictions/{name}/{version} directly?); not unregistered")
+    watch = BatchWatch(log_dir, name, version) if log_dir else None
+    if watch is None or watch.busy([str(w.get("id")) for w in entry.get("workers", [])]) is None:
+        # No log of this server's workers: a batch ends within responseTimeout (TorchServe
+        # restarts a worker that is silent for longer), so that long a quiet queue is certain too.
+        quiet_s = max(quiet_s, float(entry.get("responseTimeout") or 120))
+        watch = None
+        say(f"{name} {version}: no ts_log.log of its workers in {log_dir} (--log-dir); waiting "
+            f"{quiet_s:g}s of empty queue (its responseTimeout) so that no batch is cut")
+    if not drain(client, name, version, quiet_s, timeout_s, watch):
+        raise Refused(f"{name} {version} still has queued requests or a batch in a worker after "
+                      f"{quiet_s + timeout_s:g}s (clients calling /predictions/{name}/{version} "
+                      f"directly?); not unregistered")
     client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
 
 
@@ -95,8 +123,8 @@ def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[
     return images
 
 
-def smoke_test(client: Client, name: str, version: str, images: list, min_accuracy: float | None) -> str:
-    """Send every image to NAME/VERSION; Refused unless all succeed (and accuracy >= min_accuracy)."""
+def classify_smoke(client: Client, name: str, version: str, images: list) -> list:
+    """(relative path, predicted label or None, error or None) of every smoke image on NAME/VERSION."""
     def one(item: tuple[Path, str, str | None]) -> tuple[str, str | None, str | None]:
         path, rel, _ = item
         try:
@@ -111,19 +139,41 @@ def smoke_test(client: Client, name: str, version: str, images: list, min_accura
             return rel, None, f"unexpected answer {response.text[:100]!r}"
 
     with ThreadPoolExecutor(min(16, len(images))) as pool:  # enough in flight to fill the batches
-        results = list(pool.map(one, images))
+        return list(pool.map(one, images))
+
+
+def smoke_accuracy(images: list, results: list) -> float | None:
+    """Share of right labels (a failed image counts as wrong); None unless every image has a class folder."""
+    truth = [label for _, _, label in images]
+    if not truth or None in truth:
+        return None
+    return sum(t == p for t, (_, p, _) in zip(truth, results)) / len(truth)
+
+
+def smoke_test(client: Client, name: str, version: str, images: list, min_accuracy: float | None,
+               baseline: tuple[str, float] | None = None, max_drop: float = 1.0) -> str:
+    """Send every image to NAME/VERSION; Refused unless all succeed, accuracy >= min_accuracy and it
+    is at most max_drop below the baseline (old version, its accuracy on the same images)."""
+    results = classify_smoke(client, name, version, images)
     failed = [(rel, error) for rel, _, error in results if error]
     if failed:
         raise Refused(f"smoke test: {len(failed)}/{len(images)} images failed on {name} {version} "
                       f"(first: {failed[0][0]}: {failed[0][1]})")
     summary = f"{len(images)}/{len(images)} smoke images ok"
-    labelled = [(label, predicted) for (_, _, label), (_, predicted, _) in zip(images, results) if label]
-    if labelled and len(labelled) == len(images):
-        accuracy = sum(t == p for t, p in labelled) / len(labelled)
+    accuracy = smoke_accuracy(images, results)
+    if accuracy is not None:
         summary += f", accuracy {accuracy:.4f}"
         if min_accuracy is not None and accuracy < min_accuracy:
-            raise Refused(f"smoke test: accuracy {accuracy:.4f} of {name} {version} on {len(labelled)} "
+            raise Refused(f"smoke test: accuracy {accuracy:.4f} of {name} {version} on {len(images)} "
                           f"images is below --min-accuracy {min_accuracy:g}")
+        if baseline is not None:
+            old, old_accuracy = baseline
+            summary += f" ({name} {old}: {old_accuracy:.4f})"
+            if accuracy < old_accuracy - max_drop - 1e-9:  # 1e-9: a drop of exactly max_drop passes
+                raise Refused(f"smoke test: accuracy {accuracy:.4f} of {name} {version} is "
+                              f"{old_accuracy - accuracy:.4f} below {name} {old}'s {old_accuracy:.4f} on "
+                              f"the same {len(images)} images (--max-accuracy-drop {max_drop:g}; pass "
+                              f"--max-accuracy-drop 1 to roll out a worse model on purpose)")
     return summary
 
 
@@ -137,21 +187,32 @@ def rollout(client: Client, args: argparse.Namespace) -> str:
         raise Refused(f"rollout: {e}; nothing was changed on the server") from None
     versions = client.versions(name)
     old = client.default_version(name) if versions else None
+    others = [] if versions or args.new_model else client.model_names()
+    if others:  # a typo'd or foreign name would add a model, and clients without --model then fail
+        raise Refused(f"rollout: {mar.name} is model {name}, which the server does not serve (it serves "
+                      f"{', '.join(others)}); a rollout replaces a served model's version: rebuild the "
+                      f"archive with the served name, or pass --new-model to add {name} beside them "
+                      f"(nothing changed)")
     if any(v["modelVersion"] == version for v in versions):
         raise Refused(f"rollout: {name} version {version} is already registered; archive the new model "
                       f"under a new version (nothing changed)")
     old_entry = next((v for v in versions if v["modelVersion"] == old), None)
     workers = args.workers or (old_entry or {}).get("minWorkers") or None  # the capacity it replaces
+    baseline = None
+    if old and images and all(label for _, _, label in images):  # class folders: compare
+        say(f"rollout: measuring {name} {old} on the {len(images)} smoke images")
+        baseline = old, smoke_accuracy(images, classify_smoke(client, name, old, images))
     step = f"register {name} {version}"
     try:
         count = f"{workers} worker(s)" if workers else "the archive's workers"
         say(f"rollout: {step} ({count}) while {name} {old or '(none)'} serves")
-        register(client, mar, workers, args.batch_size, args.max_batch_delay)
+        register(client, mar, workers, args.batch_size, args.max_batch_delay, args.log_dir)
         summary = "no smoke set"
         if images:
             step = "smoke test"
             say(f"rollout: sending {len(images)} smoke images to /predictions/{name}/{version}")
-            summary = smoke_test(client, name, version, images, args.min_accuracy)
+            summary = smoke_test(client, name, version, images, args.min_accuracy, baseline,
+                                 args.max_accuracy_drop)
         step = f"set-default {name} {version}"
         client.call("PUT", f"/models/{name}/{version}/set-default", step)
     except (Refused, UserError, requests.RequestException, KeyboardInterrupt) as e:
@@ -166,7 +227,7 @@ def rollout(client: Client, args: argparse.Namespace) -> str:
         return f"rollout: {name} {old or '(none)'} -> {version}, {summary}{kept}"
     say(f"rollout: draining and unregistering {name} {old}")
     try:
-        unregister(client, name, old, args.drain_seconds, args.drain_timeout)
+        unregister(client, name, old, args.drain_seconds, args.drain_timeout, args.log_dir)
     except Refused as e:
         raise Refused(f"rollout: {name} {version} is the default and serving, but the old version stays "
                       f"registered: {e}") from None
