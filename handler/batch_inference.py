@@ -26,6 +26,7 @@ class HandlerSettings:
 
     topk: int = 5  # capped at the number of classes when answering
     max_pixels: int = preprocessing.DEFAULT_MAX_PIXELS
+    max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES  # pixels x bytes of the mode
     precision: str = "fp32"  # fp16 applies on CUDA only: CPU half kernels are slow or missing
     cpu_threads: int | str = "auto"  # auto: cores // maxWorkers, so workers x threads <= cores
 
@@ -39,9 +40,10 @@ def parse_settings(model_yaml: dict | None) -> HandlerSettings:
     settings = HandlerSettings(**section)
     if type(settings.topk) is not int or settings.topk < 1:
         raise ValueError(f"model-config.yaml handler.topk must be an integer >= 1, got {settings.topk!r}")
-    if type(settings.max_pixels) is not int or settings.max_pixels < 1:
-        raise ValueError(f"model-config.yaml handler.max_pixels must be an integer >= 1, "
-                         f"got {settings.max_pixels!r}")
+    for name in ("max_pixels", "max_decoded_bytes"):
+        value = getattr(settings, name)
+        if type(value) is not int or value < 1:
+            raise ValueError(f"model-config.yaml handler.{name} must be an integer >= 1, got {value!r}")
     if settings.precision not in PRECISIONS:
         raise ValueError(f"model-config.yaml handler.precision must be one of {PRECISIONS}, "
                          f"got {settings.precision!r}")

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
 try:  # inside the .mar the modules sit side by side
@@ -33,6 +34,8 @@ class ClassifierHandler(BaseHandler):
         model_dir = Path(properties["model_dir"])
         model_yaml = getattr(context, "model_yaml_config", None) or {}
         self.settings = batch_inference.parse_settings(model_yaml)
+        preprocessing.configure_pillow(self.settings.max_pixels)
+        request_decoding.watch_repeated_fields(Service)  # two `data` parts must not merge unseen
         self.device = batch_inference.select_device(properties)
         self.half = self.settings.precision == "fp16" and self.device.type == "cuda"
         workers = model_yaml.get("maxWorkers") or model_yaml.get("minWorkers") or 0
@@ -59,7 +62,8 @@ class ClassifierHandler(BaseHandler):
     def preprocess(self, data: list) -> list:
         """Request rows -> per row a 3 x H x W tensor or the BadImage that refused it."""
         return request_decoding.decode_batch(data, self.preprocess_config, self.settings.max_pixels,
-                                             getattr(self, "decode_pool", None))
+                                             getattr(self, "decode_pool", None),
+                                             self.settings.max_decoded_bytes)
 
     def inference(self, data: list[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """Decoded images -> softmax probabilities N x C from one batched forward pass."""

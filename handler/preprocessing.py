@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,9 +16,12 @@ from typing import BinaryIO, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~50 MP: above any camera photo, below a decompression bomb
+# 64 MiB of decoded pixels: a 16 MP RGB PNG (Pillow keeps RGB in 4 bytes a pixel) or a 33 MP
+# 16-bit greyscale one; camera JPEGs decode at a reduced DCT scale (draft) far below it.
+DEFAULT_MAX_DECODED_BYTES = 64 * 2**20
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {
@@ -30,6 +34,13 @@ INTERPOLATIONS = {
 }
 COLOR_MODES = ("RGB", "grayscale")
 EXIF_ORIENTATION = 0x0112
+# libjpeg reads up to 8 bytes ahead of the bits it needs (64-bit bit buffer); zeros are what it
+# would fill in itself. Measured on 150 random JPEGs: with 8 or more, pixels identical.
+JPEG_PAD = b"\0" * 16
+SEQUENTIAL_HUFFMAN_SOF = (0xC0, 0xC1)  # baseline and extended sequential
+FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15, not DHT/JPG/DAC
+ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker: not stuffing, RSTn or fill
+ROWS_CHUNK_PIXELS = 1 << 20  # 16-bit -> 8-bit conversion in blocks: float64 copies stay ~8 MB
 ImageSource = Union[bytes, bytearray, str, os.PathLike, BinaryIO]
 
 
@@ -82,21 +93,78 @@ class PreprocessConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def configure_pillow(max_pixels: int) -> None:
+    """Set Pillow's own bomb limit from the setting, once per process (not per decode thread).
+
+    Pillow refuses images over 2x MAX_IMAGE_PIXELS (89.5 MP by default) and warns above it;
+    open_image's check answers first with its own 413, so Pillow's warning is only noise.
+    """
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def bytes_per_pixel(mode: str) -> int:
+    """Bytes Pillow allocates per pixel of `mode`: 4 for any multi-band mode, else the band's size."""
+    descriptor = ImageMode.getmode(mode)
+    return 4 if len(descriptor.bands) > 1 else max(1, int(descriptor.typestr[-1]))
+
+
+def single_scan_end(data: bytes) -> int | None:
+    """Where the entropy-coded data of a one-scan sequential JPEG ends; None for anything else.
+
+    Walks the marker segments by their lengths (an EXIF thumbnail is skipped whole).
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, sequential, end = 2, False, None
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in FRAME_MARKERS:
+            sequential = marker in SEQUENTIAL_HUFFMAN_SOF
+        if marker != 0xDA:  # not SOS
+            pos += 2 + length
+            continue
+        if end is not None:  # a second scan: the decoder buffers all scans, no early end to see
+            return None
+        found = ENTROPY_END.search(data, pos + 2 + length)
+        if found is None:  # no marker after the data: the decoder already reports it truncated
+            return None
+        pos = end = found.start()
+    return end if sequential else None
+
+
+def without_end_marker(data: bytes) -> bytes:
+    """A one-scan JPEG cut right after its entropy-coded data, so running short of it is an error.
+
+    libjpeg answers scan data that ends early (a cut file with FF D9 appended, a header that
+    claims more pixels than the data holds) with a warning and grey pixels, and Pillow drops the
+    warning. Without a marker behind the data the decoder asks for more, and Pillow raises
+    "image file is truncated". The pad covers libjpeg's read-ahead, so complete files decode to
+    the same pixels. Progressive and multi-scan JPEGs keep their bytes: see docs/decoding.md.
+    """
+    end = single_scan_end(data)
+    return data if end is None else data[:end] + JPEG_PAD
+
+
 def open_image(source: ImageSource, *, size: tuple[int, int] | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `source` to an upright RGB image; refuse what is not an image or too large.
+               max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Image.Image:
+    """Decode `source` to an upright RGB image; refuse what is not an image, corrupt or too large.
 
     `size` is the (H, W) the image will be resized to: a JPEG is then decoded at
     the smallest DCT scale that is still at least that large (`Image.draft`).
     """
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise BadImage(400, "empty body: no image bytes")
-        source = io.BytesIO(source)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(source)
+        data = read_source(source)
+        if not data:
+            raise BadImage(400, "empty body: no image bytes")
+        img = Image.open(io.BytesIO(without_end_marker(data)))
         width, height = img.size
         if width * height > max_pixels:
             raise BadImage(413, f"image has {width}x{height} = {width * height:,} pixels, "
@@ -106,17 +174,40 @@ def open_image(source: ImageSource, *, size: tuple[int, int] | None = None,
             if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
                 target_h, target_w = target_w, target_h  # rotated after decoding
             img.draft("RGB", (target_w, target_h))
+        check_decoded_bytes(img, max_decoded_bytes)
         img.load()
         img = ImageOps.exif_transpose(img)
         return to_rgb(img)
     except BadImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise BadImage(413, f"image too large to decode safely: {e}") from None
     except UnidentifiedImageError:
         raise BadImage(400, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        if "truncated" in str(e):
+            raise BadImage(400, f"cannot decode image: its data ends before its pixels do, "
+                                f"the file is truncated or corrupt ({e})") from None
         raise BadImage(400, f"cannot decode image: {e}") from None
+
+
+def read_source(source: ImageSource) -> bytes:
+    """The bytes of a source: bytes as they are, a path's or a file object's content."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).read_bytes()
+    return source.read()
+
+
+def check_decoded_bytes(img: Image.Image, max_decoded_bytes: int) -> None:
+    """413 when the pixels the decoder will allocate (at the draft scale) exceed the limit."""
+    width, height = img.size
+    per_pixel = bytes_per_pixel(img.mode)
+    decoded = width * height * per_pixel
+    if decoded > max_decoded_bytes:
+        raise BadImage(413, f"image decodes to {decoded:,} bytes ({width}x{height} {img.mode}, "
+                            f"{per_pixel} bytes a pixel), over the limit of {max_decoded_bytes:,}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -128,13 +219,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode.startswith("I") or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or (img.mode == "I" and arr.size and arr.max() > 255):
-            arr = arr / 257.0  # 16-bit range onto 8 bits
-        elif img.mode == "F" and arr.size and arr.max() <= 1.0:
-            arr = arr * 255.0
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
     return img.convert("RGB")
+
+
+def to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer or float pixels -> 8 bits, rounded, in row blocks to bound the copies.
+
+    16-bit values map by round(v / 257); float images in [0, 1] are scaled by 255.
+    """
+    out = np.empty(arr.shape, np.uint8)
+    if not arr.size:
+        return out
+    peak = arr.max()
+    rows = max(1, ROWS_CHUNK_PIXELS // max(1, arr.shape[1]))
+    for start in range(0, arr.shape[0], rows):
+        if mode == "F":
+            block = arr[start:start + rows].astype(np.float64)
+            block *= 255.0 if peak <= 1.0 else 1.0
+            block += 0.5
+        else:
+            block = arr[start:start + rows].astype(np.int64)
+            if mode.startswith("I;16") or peak > 255:
+                block += 128
+                block //= 257  # floor(v / 257 + 0.5) for integers
+        np.clip(block, 0, 255, out=block)
+        out[start:start + rows] = block  # the cast truncates, as astype did
+    return out
 
 
 def resize(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
@@ -160,7 +271,8 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     return to_tensor(resize(img, cfg), cfg)
 
 
-def load_tensor(source: ImageSource, cfg: PreprocessConfig,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def load_tensor(source: ImageSource, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
     """Decode and preprocess in one step: what both training's validation and serving do."""
-    return preprocess(open_image(source, size=cfg.image_size, max_pixels=max_pixels), cfg)
+    return preprocess(open_image(source, size=cfg.image_size, max_pixels=max_pixels,
+                                 max_decoded_bytes=max_decoded_bytes), cfg)

@@ -25,17 +25,53 @@ logger = logging.getLogger(__name__)
 ROW_FIELDS = ("data", "file", "body")  # multipart field names first, then the raw body
 JSON_FIELDS = ("data", "image", "b64", "file", "body")  # where a JSON body may carry base64
 MAX_PHRASE_CHARS = 200  # an HTTP reason phrase is one short line
+REPEATED_FIELDS_KEY = "__repeated_fields__"  # set on a row by record_repeated_fields
+
+
+def record_repeated_fields(batch: list, rows: list) -> None:
+    """Mark each row whose request named a form field more than once (before the merge lost it).
+
+    TorchServe's worker (ts/service.py, retrieve_data_for_inference) folds a request's
+    parameters into one dict, so of two `data` parts only the last reaches the handler.
+    """
+    for request, row in zip(batch, rows):
+        names = [p.get("name") for p in (request or {}).get("parameters") or []]
+        repeated = sorted({str(n) for n in names if names.count(n) > 1})
+        if repeated and isinstance(row, dict):
+            row[REPEATED_FIELDS_KEY] = repeated
+
+
+def watch_repeated_fields(service_class: Any) -> None:
+    """Wrap the worker's request merge so that rows carry their repeated field names (idempotent)."""
+    merge = getattr(service_class, "retrieve_data_for_inference", None)
+    if merge is None or getattr(merge, "records_repeated_fields", False):
+        return
+
+    def retrieve_data_for_inference(batch):
+        headers, rows, ids = merge(batch)
+        record_repeated_fields(batch or [], rows)
+        return headers, rows, ids
+
+    retrieve_data_for_inference.records_repeated_fields = True
+    service_class.retrieve_data_for_inference = staticmethod(retrieve_data_for_inference)
 
 
 def extract_image_bytes(row: Any) -> bytes:
-    """Return the image bytes of one request row; BadImage(400) when there are none."""
+    """Return the image bytes of one request row; BadImage(400) when there are none or several."""
     if isinstance(row, (bytes, bytearray)):
         return _require_bytes(bytes(row))
     if not isinstance(row, dict):
         raise BadImage(400, f"unsupported request payload of type {type(row).__name__}")
-    for field in ROW_FIELDS:
-        if field in row and row[field] is not None:
-            return bytes_from_value(row[field])
+    repeated = row.get(REPEATED_FIELDS_KEY)
+    if repeated:
+        raise BadImage(400, f"one request is one image, but form field(s) {', '.join(repeated)} came "
+                            "more than once: send each image in its own request")
+    present = [field for field in ROW_FIELDS if row.get(field) is not None]
+    if len(present) > 1:
+        raise BadImage(400, f"one request is one image, but it carries {len(present)} "
+                            f"({', '.join(present)}): send each image in its own request")
+    if present:
+        return bytes_from_value(row[present[0]])
     fields = ", ".join(sorted(str(k) for k in row)) or "none"
     raise BadImage(400, f"no image in the request: send the file as the body or as form field "
                         f"'data' or 'file' (fields received: {fields})")
@@ -79,16 +115,18 @@ def _require_bytes(data: bytes) -> bytes:
     return data
 
 
-def load_row_tensor(row: Any, cfg: preprocessing.PreprocessConfig, max_pixels: int) -> torch.Tensor:
+def load_row_tensor(row: Any, cfg: preprocessing.PreprocessConfig, max_pixels: int,
+                    max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
     """One request row -> the model's input tensor (3 x H x W); raises BadImage."""
-    return preprocessing.load_tensor(extract_image_bytes(row), cfg, max_pixels=max_pixels)
+    return preprocessing.load_tensor(extract_image_bytes(row), cfg, max_pixels=max_pixels,
+                                     max_decoded_bytes=max_decoded_bytes)
 
 
-def decode_row(idx: int, row: Any, cfg: preprocessing.PreprocessConfig,
-               max_pixels: int) -> torch.Tensor | BadImage:
+def decode_row(idx: int, row: Any, cfg: preprocessing.PreprocessConfig, max_pixels: int,
+               max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor | BadImage:
     """One row -> its tensor, or the BadImage that refused it (an unexpected error becomes a 500)."""
     try:
-        return load_row_tensor(row, cfg, max_pixels)
+        return load_row_tensor(row, cfg, max_pixels, max_decoded_bytes)
     except BadImage as e:
         logger.info("request %d of the batch refused (%d): %s", idx, e.code, e.message)
         return e
@@ -98,15 +136,19 @@ def decode_row(idx: int, row: Any, cfg: preprocessing.PreprocessConfig,
 
 
 def decode_batch(rows: list, cfg: preprocessing.PreprocessConfig, max_pixels: int,
-                 pool: Executor | None = None) -> list[torch.Tensor | BadImage]:
+                 pool: Executor | None = None,
+                 max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES) -> list[torch.Tensor | BadImage]:
     """Decode every row on its own: a failure becomes that row's BadImage, never the batch's.
 
     With a thread pool the rows decode in parallel: Pillow releases the GIL while it decodes
     and resizes, so a worker with two cores decodes two camera photos at once.
     """
+    def decode(args: tuple[int, Any]) -> torch.Tensor | BadImage:
+        return decode_row(*args, cfg, max_pixels, max_decoded_bytes)
+
     if pool is None or len(rows) < 2:
-        return [decode_row(idx, row, cfg, max_pixels) for idx, row in enumerate(rows)]
-    return list(pool.map(lambda args: decode_row(*args, cfg, max_pixels), enumerate(rows)))
+        return [decode(args) for args in enumerate(rows)]
+    return list(pool.map(decode, enumerate(rows)))
 
 
 def error_body(error: BadImage) -> dict:

@@ -66,6 +66,40 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
+def png_header_of(width: int, height: int, bit_depth: int = 8, colour_type: int = 2) -> bytes:
+    """A PNG header of any bit depth and colour type (0 grey, 2 RGB), no pixels: limit probes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def gradient_jpeg_bytes(size: tuple[int, int] = (256, 256), **options) -> bytes:
+    """A smooth RGB gradient JPEG (photo-like: its scan data is short for its pixels)."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), (x + y) % 256], -1)
+    return encode(Image.fromarray(pixels.astype(np.uint8), "RGB"), "JPEG", **{"quality": 90, **options})
+
+
+def cut_jpeg_with_end_marker(fraction: float = 0.3) -> bytes:
+    """A 256x256 JPEG cut to `fraction` of its bytes, with an end-of-image marker (FF D9) appended."""
+    data = gradient_jpeg_bytes()
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def jpeg_claiming_size(width: int, height: int) -> bytes:
+    """A complete 16x16 JPEG whose frame header (SOF0) claims width x height."""
+    data = gradient_jpeg_bytes((16, 16))
+    sof = data.index(b"\xff\xc0")
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9:]
+
+
+def big_gray16_png_bytes(width: int = 7000, height: int = 7000) -> bytes:
+    """A 16-bit greyscale PNG of one value: ~95 KB on disk for 7000x7000 (98 MB decoded)."""
+    return encode(Image.fromarray(np.full((height, width), 40000, dtype=np.uint16)), "PNG")
+
+
 def exif_rotated_jpeg_bytes() -> bytes:
     """Stored 32x16, left half red, right half blue, EXIF orientation 6: upright it is red on top."""
     img = Image.new("RGB", (32, 16), BLUE)

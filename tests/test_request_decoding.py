@@ -23,7 +23,7 @@ CFG = PreprocessConfig(image_size=(4, 4), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0
     {"body": PNG}, {"data": PNG}, {"file": PNG}, {"body": bytearray(PNG)}, PNG,
     {"body": B64}, {"body": f"  {B64[:20]}\n{B64[20:]}  "}, {"body": f"data:image/png;base64,{B64}"},
     {"body": {"data": B64}}, {"body": {"image": B64}}, {"body": {"b64": B64}}, {"body": [B64]},
-    {"body": [{"data": B64}]}, {"data": PNG, "body": b"ignored"}, {"data": None, "body": PNG},
+    {"body": [{"data": B64}]}, {"data": None, "body": PNG}, {"file": PNG, "label": b"cat"},
 ])
 def test_every_supported_form_gives_the_image_bytes(row):
     assert extract_image_bytes(row) == PNG
@@ -45,6 +45,9 @@ def test_every_supported_form_gives_the_image_bytes(row):
     ({"image": PNG, "label": b"x"}, "fields received: image, label"),
     ({}, "fields received: none"),
     (None, "unsupported request payload of type NoneType"),
+    ({"data": PNG, "body": b"x"}, "one request is one image, but it carries 2 (data, body)"),
+    ({"data": PNG, "file": PNG}, "one request is one image, but it carries 2 (data, file)"),
+    ({"data": PNG, "__repeated_fields__": ["data"]}, "form field(s) data came more than once"),
 ])
 def test_everything_else_is_a_400_with_a_clear_message(row, message):
     with pytest.raises(BadImage) as info:
@@ -90,10 +93,10 @@ def test_decode_batch_applies_the_pixel_limit():
 def test_an_unexpected_decoder_error_is_that_images_500(monkeypatch, caplog):
     real = request_decoding.preprocessing.load_tensor
 
-    def flaky(source, cfg, max_pixels):
+    def flaky(source, cfg, max_pixels, max_decoded_bytes):
         if source == PNG:
             raise KeyError("decoder bug")
-        return real(source, cfg, max_pixels=max_pixels)
+        return real(source, cfg, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
 
     monkeypatch.setattr(request_decoding.preprocessing, "load_tensor", flaky)
     items = decode_batch([{"body": PNG}, {"body": png_bytes(RED, (8, 8))}], CFG, 10**6)
@@ -165,3 +168,22 @@ def test_jpeg_draft_decodes_at_the_smallest_sufficient_scale(stored, orientation
     assert open_image(data, size=target).size == decoded
     full = open_image(data)
     assert full.size == (stored if orientation is None else stored[::-1])
+
+
+def test_repeated_form_fields_are_recorded_before_the_worker_merges_them():
+    from ts.service import Service
+
+    class Worker:  # a stand-in class with TorchServe's own merge
+        retrieve_data_for_inference = staticmethod(Service.retrieve_data_for_inference)
+
+    request_decoding.watch_repeated_fields(Worker)
+    request_decoding.watch_repeated_fields(Worker)  # a second initialize wraps nothing more
+    part = {"contentType": "image/png", "value": PNG}
+    batch = [{"requestId": b"1", "headers": [], "parameters": [{**part, "name": "data"}, {**part, "name": "data"}]},
+             {"requestId": b"2", "headers": [], "parameters": [{**part, "name": "data"}]}]
+    _, rows, _ = Worker.retrieve_data_for_inference(batch)
+    assert rows[0] == {"data": PNG, "__repeated_fields__": ["data"]} and rows[1] == {"data": PNG}
+    assert Service.retrieve_data_for_inference(batch)[1][0] == {"data": PNG}  # the merge loses it
+    items = decode_batch(rows, CFG, 10**6)
+    assert items[0].code == 400 and "came more than once" in items[0].message
+    assert isinstance(items[1], torch.Tensor)
