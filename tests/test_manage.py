@@ -59,6 +59,8 @@ def server_flags(srv) -> list[str]:
 
 def manage_args(srv, command: str, *args: str) -> list[str]:
     store = ["--model-store", str(srv.store)] if command in ("register", "rollout") else []
+    if command in ("register", "unregister", "rollout"):  # the server's logs: workers' reasons and batches
+        store += ["--log-dir", str(srv.log_dir)]
     return [str(PYTHON), str(MANAGE), command, *args, *server_flags(srv), *store]
 
 
