@@ -271,7 +271,8 @@ def test_dockerfile_copies_requirements_and_installs_them():
     steps = dockerfile_instructions()
     assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.11-slim")
     copy = steps.index(("COPY", "requirements.txt ."))
-    install = next(i for i, (op, arg) in enumerate(steps) if op == "RUN" and "pip install -r requirements.txt" in arg)
+    install = next(i for i, (op, arg) in enumerate(steps)
+                   if op == "RUN" and "pip install -r requirements.txt" in arg)
     assert copy < install < steps.index(("COPY", ". ."))
     assert any(op == "RUN" and "openjdk-17-jre-headless" in arg for op, arg in steps)
     user = [arg for op, arg in steps if op == "USER"]

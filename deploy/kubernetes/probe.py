@@ -68,7 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="management URL, for renewing keys (default: %(default)s)")
     parser.add_argument("--key-file", default=default_key_file(),
                         help="the server's key file (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds per request (default: %(default)s)")
     return parser
 
 
