@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: real handwritten digits -> lists -> train + export -> .mar -> TorchServe
-# -> classify the validation images as class folders -> served accuracy == training's.
+# -> classify the validation images as class folders -> every served answer agrees with model.pt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -23,12 +23,19 @@ status=$?
 set -e
 [ "$status" -le 1 ] || { echo "demo: classify_dir.py failed (exit $status)" >&2; exit "$status"; }
 
+# Per image, not per accuracy: training evaluated an eager channels_last model at batch 64, the
+# server a frozen one at batch 8, so the two accuracies may differ by one near tie. check_served
+# runs model.pt here on each served image: top-1 labels equal except on near ties, probabilities
+# within its stated tolerance. The accuracy line is printed either way; the check decides the exit.
+set +e
+$PY -m training.check_served "$RUN" "$DEMO/results.jsonl" --root "$DEMO/val"
+check=$?
+set -e
 $PY - "$RUN/metrics.json" "$DEMO/results.jsonl" <<'PYEOF'
 import json, sys
 trained = json.load(open(sys.argv[1]))["best_val_acc"]
 rows = [json.loads(line) for line in open(sys.argv[2], encoding="utf-8")]
 served = sum(r["status"] == "ok" and r["label"] == r["true_label"] for r in rows) / len(rows)
 print(f"demo: served accuracy {served:.4f} on {len(rows)} validation images; training's validation accuracy {trained:.4f}")
-if abs(served - trained) > 1e-9:
-    sys.exit("demo: served accuracy differs from training's: preprocessing or model drifted")
 PYEOF
+exit "$check"

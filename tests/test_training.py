@@ -179,9 +179,9 @@ def test_export_reloaded_torchscript_matches_eager(tmp_path):
     difference = export.export_torchscript(model, tmp_path / "model.pt", (32, 32))
     assert difference <= export.TOLERANCE
     reloaded = torch.jit.load(str(tmp_path / "model.pt"))
-    x = torch.randn(4, 3, 32, 32)
-    with torch.inference_mode():
-        assert (reloaded(x) - model(x)).abs().max().item() <= 1e-5
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():  # same weights and layout, other graph executor: the export tolerance
+        assert (reloaded(x) - model(x)).abs().max().item() <= export.TOLERANCE
 
 
 def test_export_fails_loudly_on_mismatch(tmp_path, monkeypatch):
@@ -214,9 +214,15 @@ def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
     # The exported file reproduces the best checkpoint, and export from the checkpoint agrees.
     assert run_cli(export, ["--checkpoint", str(out / "checkpoint.pth"), "--out", str(tmp_path / "again.pt")],
                    capsys)[0] == 0
-    x = torch.randn(3, 3, 32, 32)
     a, b = torch.jit.load(str(out / "model.pt")), torch.jit.load(str(tmp_path / "again.pt"))
-    assert torch.allclose(a(x), b(x), atol=1e-6)
+    a_state, b_state = a.state_dict(), b.state_dict()
+    assert a_state.keys() == b_state.keys()
+    assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)  # the same weights, exactly
+    assert all(t.is_contiguous() for t in a_state.values())  # model.pt does not keep training's channels_last
+    # Same weights and layout: outputs within the export tolerance (kernels vary by CPU, not by file).
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert (a(x) - b(x)).abs().max().item() <= export.TOLERANCE
     # --resume continues from the saved epoch
     code, err = run_cli(train, argv[:-6] + ["--epochs", "3", "--batch-size", "16", "--workers", "0", "--resume"],
                         capsys)

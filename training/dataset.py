@@ -17,7 +17,7 @@ def read_list(list_path: str | Path, class_names: list[str]) -> list[tuple[Path,
     """Parse and validate a whole list file; every error names `file:line` and the fix."""
     list_path = Path(list_path)
     try:
-        text = list_path.read_text(encoding="utf-8")
+        text = list_path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not part of a path
     except FileNotFoundError:
         raise UserError(f"{list_path}: list file not found") from None
     except UnicodeDecodeError as e:

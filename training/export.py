@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from training.errors import UserError, run_main
+from training.checkpoint import load_checkpoint
+from training.errors import run_main
 
 TOLERANCE = 1e-5  # max abs logit difference allowed between eager and reloaded TorchScript
 
@@ -43,17 +46,27 @@ def max_logit_difference(eager: nn.Module, scripted: torch.jit.ScriptModule, ima
 
 
 def export_torchscript(model: nn.Module, out: str | Path, image_size: tuple[int, int]) -> float:
-    """Script `model` (eval, CPU), save it to `out`, reload and compare; returns the max difference."""
-    model = model.cpu().eval()
+    """Script a contiguous CPU copy of `model`, save it, reload and compare; returns the max difference.
+
+    The copy is in the default (NCHW) memory format whatever `model` trained in (channels_last):
+    the same weights then give the same file, and CPU kernels do not depend on how training ran.
+    The file replaces `out` only once the reloaded copy has passed the comparison.
+    """
+    model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        script_model(model).save(str(out))
-    difference = max_logit_difference(model, load_torchscript(out), image_size)
-    if not difference <= TOLERANCE:
-        raise ExportMismatch(f"{out}: reloaded TorchScript differs from the eager model by "
-                             f"{difference:.3g} (> {TOLERANCE}); the file is not safe to serve")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            script_model(model).save(str(tmp))
+        difference = max_logit_difference(model, load_torchscript(tmp), image_size)
+        if not difference <= TOLERANCE:
+            raise ExportMismatch(f"{out}: reloaded TorchScript differs from the eager model by "
+                                 f"{difference:.3g} (> {TOLERANCE}); the file is not safe to serve")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return difference
 
 
@@ -75,13 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     path = Path(args.checkpoint)
-    if not path.is_file():
-        raise UserError(f"--checkpoint {path}: file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        image_size = tuple(checkpoint["preprocess"]["image_size"])
-    except (KeyError, TypeError, RuntimeError, EOFError) as e:
-        raise UserError(f"{path}: not a checkpoint written by training.train ({e})") from None
+    checkpoint = load_checkpoint(path)
+    image_size = tuple(checkpoint["preprocess"]["image_size"])
     out = Path(args.out) if args.out else path.parent / "model.pt"
     difference = export_torchscript(model_from_checkpoint(checkpoint), out, image_size)
     print(f"exported {checkpoint['arch']} ({len(checkpoint['classes'])} classes) to {out}; "

@@ -18,8 +18,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 def load_labels(path: str | Path) -> list[str]:
     """Read a labels JSON and return the class names ordered by index; validate it fully."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    try:  # utf-8-sig: accept the BOM some editors write
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise UserError(f"{path}: labels file not found") from None
     except UserError as e:

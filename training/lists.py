@@ -33,6 +33,9 @@ def scan_classes(root: str | Path) -> dict[str, list[Path]]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{root}: no class folders found; expected ROOT/<class>/<images>")
+    if len(classes) < 2:  # training.train needs two classes; say so before writing lists it refuses
+        raise UserError(f"{root}: one class folder ({classes[0]!r}); a classifier needs at least 2 classes, "
+                        "one sub-folder each")
     tree = {name: find_images(root / name) for name in classes}
     for name, images in tree.items():
         if not images:
@@ -80,6 +83,9 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     tree = scan_classes(args.root)
     train, val = split_stratified(tree, args.val_fraction, args.seed)
+    if args.val_fraction > 0 and not val:  # training.train refuses an empty val.list
+        raise UserError(f"{args.root}: every class has a single image, so none can be held out for "
+                        "validation; add images (at least 2 in some class)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_list(train, out / "train.list")

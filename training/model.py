@@ -91,6 +91,37 @@ def build_model(arch: str, num_classes: int, weights: str | None = None,
     return replace_head(model, arch, num_classes)
 
 
+def fits_input_size(model: nn.Module, size: tuple[int, int]) -> str | None:
+    """None when one zero image of `size` goes through `model`, else the first line of its error."""
+    was_training = model.training
+    model.eval()  # eval: no BatchNorm statistics updated, no random numbers drawn
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *size))
+        return None
+    except Exception as e:  # shape errors surface as RuntimeError, ValueError or AssertionError
+        return (str(e).strip().splitlines() or [e.__class__.__name__])[0][:160]
+    finally:
+        model.train(was_training)
+
+
+def check_input_size(model: nn.Module, arch: str, size: tuple[int, int], limit: int = 512) -> None:
+    """Refuse an image size `arch` cannot take, naming the smallest square size that it can."""
+    error = fits_input_size(model, size)
+    if error is None:
+        return
+    flag = f"--image-size {size[0]} {size[1]}" if size[0] != size[1] else f"--image-size {size[0]}"
+    low, high = max(size), max(size) + 1  # low fails; look for a square size that works
+    while high <= limit and fits_input_size(model, (high, high)) is not None:
+        low, high = high, high * 2
+    if high > limit:  # e.g. ViT takes one size only, which its own message names
+        raise UserError(f"{flag}: {arch} cannot take this size ({error})")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits_input_size(model, (middle, middle)) is None else (middle, high)
+    raise UserError(f"{flag}: too small for {arch}; the smallest square size it takes is {high}")
+
+
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the output layer (the part left trainable by --freeze-backbone)."""
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]

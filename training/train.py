@@ -19,11 +19,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from handler.preprocessing import PreprocessConfig, resize, to_tensor
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import ImageListDataset
 from training.errors import UserError, run_main
 from training.export import export_torchscript
 from training.labels import save_labels
-from training.model import build_model, head_parameters
+from training.model import build_model, check_input_size, head_parameters
 
 
 class TrainPreset:
@@ -63,6 +64,20 @@ def load_data(args, cfg: PreprocessConfig, device: torch.device):
     train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
                               generator=generator, **common)
     return train_set, val_set, train_loader, DataLoader(val_set, shuffle=False, **common)
+
+
+def check_batches(model: nn.Module, args, train_size: int) -> None:
+    """BatchNorm in training mode cannot normalise a batch of one image: refuse what would give one."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    if args.batch_size < 2:
+        raise UserError(f"--batch-size {args.batch_size}: {args.arch} has BatchNorm layers, "
+                        "which need at least 2 images a batch")
+    # load_data drops an incomplete last batch whenever there is more than one batch, so only
+    # a one-image list is left to refuse.
+    if train_size < 2:
+        raise UserError(f"{args.train_list}: {train_size} training image; {args.arch} has BatchNorm layers, "
+                        "which need at least 2 images a batch")
 
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, epochs: int) -> dict:
@@ -171,6 +186,8 @@ def main(args: argparse.Namespace) -> None:
     train_set, val_set, train_loader, val_loader = load_data(args, cfg, device)
     classes = train_set.classes
     model = build_model(args.arch, len(classes), args.weights, args.weights_file)
+    check_input_size(model, args.arch, image_size)
+    check_batches(model, args, len(train_set))
     if args.freeze_backbone:
         head = {id(p) for p in head_parameters(model)}
         for p in model.parameters():
@@ -191,12 +208,16 @@ def main(args: argparse.Namespace) -> None:
     if args.resume:
         if not checkpoint_path.is_file():
             raise UserError(f"--resume: {checkpoint_path} not found; train without --resume first")
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint_path, map_location=device)
         if state["arch"] != args.arch or state["classes"] != classes:
             raise UserError(f"--resume: {checkpoint_path} was trained as {state['arch']} on other classes")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. --freeze-backbone changed since
+            raise UserError(f"--resume: {checkpoint_path} does not fit this run's flags "
+                            f"({str(e).strip().splitlines()[0][:160]})") from None
         history, best_acc, best_state = state["history"], state["best_acc"], state["best_model"]
         start_epoch = state["epoch"] + 1
     print(f"training {args.arch} on {len(train_set)} images, validating on {len(val_set)}, "
@@ -217,10 +238,10 @@ def main(args: argparse.Namespace) -> None:
         print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
               f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} error {row['val_error']:.4f} | "
               f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f}s")
-        torch.save({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args), "arch": args.arch,
-                    "classes": classes, "preprocess": cfg.to_dict(),
-                    "history": history, "best_acc": best_acc}, checkpoint_path)
+        save_checkpoint({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args), "arch": args.arch,
+                         "classes": classes, "preprocess": cfg.to_dict(),
+                         "history": history, "best_acc": best_acc}, checkpoint_path)
     train_seconds = time.perf_counter() - start
 
     model.load_state_dict(best_state)

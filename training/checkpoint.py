@@ -1,0 +1,53 @@
+"""Checkpoint files: written atomically, read back with a one-line error when damaged."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from training.errors import UserError
+
+# What training.train writes and what --resume and training.export need back.
+REQUIRED_KEYS = ("model", "best_model", "optimizer", "scheduler", "epoch", "arch", "classes", "preprocess",
+                 "history", "best_acc")
+
+
+def save_atomic(save, path: str | Path) -> None:
+    """Call `save(file)` on a temporary file beside `path`, then rename it over `path`.
+
+    A kill or a full disk mid-write leaves the previous file whole: os.replace is atomic
+    on one filesystem, and fsync makes the new bytes durable before the rename.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save `state` to `path` atomically."""
+    save_atomic(lambda f: torch.save(state, f), path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint written by training.train; a missing, damaged or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated zip, a pickle error, an empty file: all mean the same to the user
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # the first sentence says it
+        raise UserError(f"{path}: damaged or not a checkpoint ({e.__class__.__name__}: {reason}); "
+                        "delete it and train again without --resume") from None
+    missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise UserError(f"{path}: not a checkpoint written by training.train (missing {', '.join(missing)})")
+    return state
