@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -79,6 +80,36 @@ def test_iter_files_sorted_any_case_and_safe_from_symlink_loops(tmp_path):
     assert found == ["a.JpEg", "b/1.jpg", "b/2.PNG", "c/d/e.png", "dangling.jpg"]
     flat = list(walk.iter_files(tmp_path, {".jpg", ".jpeg", ".png"}, recursive=False))
     assert [p.name for p in flat] == ["a.JpEg", "dangling.jpg"]
+
+
+def test_iter_files_yields_fifos_and_skips_outputs_by_identity_from_a_relative_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val").mkdir()
+    for name in ("a.png", "results.jsonl", "results.confusion.png"):
+        (tmp_path / "val" / name).write_bytes(b"x")
+    os.mkfifo(tmp_path / "val" / "pipe.png")
+    (tmp_path / "val" / "link.png").symlink_to(tmp_path / "val" / "results.confusion.png")
+    skip = frozenset({Path("val/results.jsonl"), Path("val/results.confusion.png"), Path("val/new.png")})
+    found = [p.name for p in walk.iter_files(Path("val"), {".png", ".jsonl"}, skip=skip)]
+    assert found == ["a.png", "pipe.png"]  # a link to an output is that output
+
+
+def test_read_image_refuses_non_regular_and_oversize_files_without_blocking(tmp_path):
+    exact = tmp_path / "exact.png"
+    exact.write_bytes(b"x" * 10)
+    assert walk.read_image(exact, 10) == b"x" * 10
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "pipe.png").symlink_to(tmp_path / "pipe")
+    cases = [(exact, 9, "too large", "file is 10 bytes, over the request size limit of 9 bytes"),
+             (tmp_path / "pipe.png", 10, "not a regular file", "(a FIFO)"),
+             (Path("/dev/zero"), 10, "not a regular file", "(a character device)"),
+             (tmp_path / "gone.png", 10, "unreadable", "cannot read the file"),
+             # a regular file whose size says 0: only at most limit + 1 bytes are read
+             (Path("/proc/self/status"), 10, "too large", "over 10 bytes")]
+    for path, limit, reason, message in cases:
+        with pytest.raises(walk.Refused, match=re.escape(message)) as refused:
+            walk.read_image(path, limit)
+        assert refused.value.reason == reason
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])

@@ -115,6 +115,13 @@ def test_served_predictions_equal_in_process(server):
             assert abs(a["probability"] - e["probability"]) < 1e-5, name
 
 
+def test_answers_carry_the_x_model_version_header_good_or_bad(server):
+    for data, status in ((png((230, 30, 10)), 200), (b"not an image", 400)):
+        response = predict(server, data)
+        assert response.status_code == status, response.text
+        assert response.headers.get("X-Model-Version") == server.version
+
+
 def test_mixed_batch_gets_per_image_statuses_and_worker_survives(server):
     pid_before = [w["pid"] for w in server.workers()]
     zoo = zoo_files()
