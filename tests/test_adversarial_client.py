@@ -46,7 +46,8 @@ def test_fifo_device_and_oversize_files_get_error_rows_without_being_read(server
     assert Counter(r["path"] for r in read_rows(output)) == Counter(
         good + ["fifo link.png", "fifo.png", "zero.png", "big.png"])
     assert all(rows[p]["status"] == "ok" for p in good)
-    for path, kind in (("fifo link.png", "a FIFO"), ("fifo.png", "a FIFO"), ("zero.png", "a character device")):
+    for path, kind in (("fifo link.png", "a FIFO"), ("fifo.png", "a FIFO"),
+                       ("zero.png", "a character device")):
         assert rows[path]["status"] == "error" and rows[path]["http_status"] is None
         assert rows[path]["error"] == f"not a regular file ({kind}): not sent", rows[path]
     big = rows["big.png"]
