@@ -16,9 +16,11 @@ from handler.preprocessing import BadImage
 def test_settings_defaults_and_values():
     assert parse_settings(None) == HandlerSettings()
     assert parse_settings({"batchSize": 8}) == HandlerSettings(topk=5, precision="fp32", cpu_threads="auto")
-    section = {"topk": 2, "max_pixels": 1000, "precision": "fp16", "cpu_threads": 3}
+    section = {"topk": 2, "max_pixels": 1000, "max_decoded_bytes": 4000, "precision": "fp16", "cpu_threads": 3}
     settings = parse_settings({"handler": section})
-    assert settings == HandlerSettings(topk=2, max_pixels=1000, precision="fp16", cpu_threads=3)
+    assert settings == HandlerSettings(topk=2, max_pixels=1000, max_decoded_bytes=4000, precision="fp16",
+                                       cpu_threads=3)
+    assert HandlerSettings().max_decoded_bytes == 64 * 2**20
 
 
 @pytest.mark.parametrize("section, message", [
@@ -26,6 +28,8 @@ def test_settings_defaults_and_values():
     ({"topk": "5"}, "topk must be an integer >= 1"),
     ({"topk": True}, "topk must be an integer >= 1"),
     ({"max_pixels": -1}, "max_pixels must be an integer >= 1"),
+    ({"max_decoded_bytes": 0}, "max_decoded_bytes must be an integer >= 1"),
+    ({"max_decoded_bytes": 1.5e9}, "max_decoded_bytes must be an integer >= 1"),
     ({"precision": "int8"}, "precision must be one of"),
     ({"cpu_threads": 0}, "cpu_threads must be 'auto' or an integer >= 1"),
     ({"cpu_threads": "many"}, "cpu_threads must be 'auto' or an integer >= 1"),

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -53,11 +54,53 @@ def expected_probabilities(rgb: tuple[int, int, int], num_classes: int = 3) -> l
     return [math.exp(v) / total for v in logits]
 
 
-def new_handler(run_dir: Path, model_yaml: dict | None = None) -> tuple[ClassifierHandler, Context]:
-    context = make_context(run_dir, model_yaml)
+def new_handler(run_dir: Path, model_yaml: dict | None = None,
+                gpu_id: int | None = None) -> tuple[ClassifierHandler, Context]:
+    """An initialised handler; close it with close_handler (the handler_factory fixture does)."""
+    context = make_context(run_dir, model_yaml, gpu_id)
     handler = ClassifierHandler()
     handler.initialize(context)
     return handler, context
+
+
+def close_handler(handler: ClassifierHandler) -> None:
+    """Stop the handler's decode threads (TorchServe ends the worker process instead)."""
+    if getattr(handler, "decode_pool", None) is not None:
+        handler.decode_pool.shutdown(wait=True)
+
+
+SHARED_POOLS: list = []  # the module-wide handler's pool, alive on purpose
+
+
+def decode_threads() -> set[threading.Thread]:
+    """Live decode threads that no test owns on purpose."""
+    shared = {t for pool in SHARED_POOLS for t in getattr(pool, "_threads", ())}
+    return {t for t in threading.enumerate() if t.name.startswith("decode") and t not in shared}
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_threads_behind():
+    """initialize() sets torch's process-wide thread count and starts a pool: tests must undo both."""
+    threads, pools = torch.get_num_threads(), decode_threads()
+    yield
+    assert torch.get_num_threads() == threads, "a test left torch's thread count changed"
+    assert decode_threads() <= pools, "a test left decode threads running"
+
+
+@pytest.fixture
+def handler_factory():
+    """new_handler for one test: every handler closed and torch's thread count restored afterwards."""
+    threads, made = torch.get_num_threads(), []
+
+    def make(run_dir: Path, model_yaml: dict | None = None,
+             gpu_id: int | None = None) -> tuple[ClassifierHandler, Context]:
+        made.append(new_handler(run_dir, model_yaml, gpu_id)[0])
+        return made[-1], made[-1].context
+
+    yield make
+    for handler in made:
+        close_handler(handler)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +111,11 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def served(run_dir):
     threads = torch.get_num_threads()
-    yield new_handler(run_dir)
+    handler, context = new_handler(run_dir)
+    SHARED_POOLS.append(handler.decode_pool)
+    yield handler, context
+    close_handler(handler)
+    SHARED_POOLS.remove(handler.decode_pool)
     torch.set_num_threads(threads)  # initialize() sets the process-wide count
 
 
@@ -156,11 +203,37 @@ def test_batch_of_eight_with_two_bad_images(served):
 
 
 @pytest.mark.parametrize("topk, entries", [(5, 3), (2, 2), (1, 1)])
-def test_topk_is_capped_at_the_number_of_classes(run_dir, topk, entries):
+def test_topk_is_capped_at_the_number_of_classes(handler_factory, run_dir, topk, entries):
     config = {**MODEL_YAML, "handler": {**MODEL_YAML["handler"], "topk": topk}}
-    handler, context = new_handler(run_dir, config)
+    handler, context = handler_factory(run_dir, config)
     bodies, _ = call_handle(handler, context, [{"body": png_bytes(RED)}])
     assert len(bodies[0]) == entries and bodies[0][0]["label"] == "class_0"
+
+
+def test_mixed_batch_answers_stay_at_their_own_positions(served):
+    """Good and bad images interleaved (decoded in the handler's threads): each answer is its own row's."""
+    from tests.image_zoo import cut_jpeg_with_end_marker, png_header_of
+
+    colours = {0: (250, 10, 10), 2: (10, 250, 10), 4: (10, 10, 250), 6: (128, 64, 200), 8: (60, 200, 120)}
+    bad = {1: (b"<html>not an image</html>", 400, "not a recognised image format"),
+           3: (png_header_of(8000, 8000), 413, "over the limit of 50,000,000"),
+           5: (cut_jpeg_with_end_marker(0.3), 400, "truncated or corrupt"),
+           7: (b"", 400, "empty body")}
+    rows = [{"body": png_bytes(colours[i])} if i in colours else {"body": bad[i][0]} for i in range(9)]
+    rows[7] = {"data": png_bytes(RED), "file": png_bytes(GREEN)}  # two images: refused as a whole
+    bad[7] = (None, 400, "one request is one image")
+    handler, context = served
+    assert handler.decode_pool is not None or os.cpu_count() == 1  # the threaded path is what's tested
+    bodies, statuses = call_handle(handler, context, rows)
+    assert statuses == [200 if i in colours else bad[i][1] for i in range(9)]
+    for i, body in enumerate(bodies):
+        if i in bad:
+            assert body["code"] == bad[i][1] and bad[i][2] in body["error"], (i, body)
+            continue
+        expected = expected_probabilities(colours[i])
+        assert body[0]["index"] == max(range(3), key=lambda k: expected[k])
+        for answer in body:  # distinct colours: a swapped row would be off by far more than 1e-6
+            assert answer["probability"] == pytest.approx(expected[answer["index"]], abs=1e-6)
 
 
 def test_request_forms_through_handle(served):
@@ -182,12 +255,12 @@ class TopVersusBottom(nn.Module):
         return torch.stack([10 * (top - bottom), 10 * (bottom - top), torch.zeros_like(top)], dim=1)
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_is_applied(handler_factory, tmp_path):
     run_dir = make_tiny_run(tmp_path / "run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(TopVersusBottom()).save(str(run_dir / "model.pt"))
-    handler, context = new_handler(run_dir)
+    handler, context = handler_factory(run_dir)
     bodies, statuses = call_handle(handler, context, [{"body": exif_rotated_jpeg_bytes()}])
     assert statuses == [200]
     assert bodies[0][0]["index"] == 0 and bodies[0][0]["probability"] > 0.99  # upright: red on top
@@ -200,8 +273,8 @@ class Exploding(nn.Module):
         raise RuntimeError("kaboom in the forward pass")
 
 
-def test_failed_forward_pass_answers_500_to_every_decoded_image(run_dir, caplog):
-    handler, context = new_handler(run_dir)
+def test_failed_forward_pass_answers_500_to_every_decoded_image(handler_factory, run_dir, caplog):
+    handler, context = handler_factory(run_dir)
     handler.model = Exploding()
     rows = [{"body": png_bytes(RED)}, {"body": b""}, {"body": png_bytes(GREEN)}]
     with caplog.at_level(logging.ERROR):
@@ -211,11 +284,11 @@ def test_failed_forward_pass_answers_500_to_every_decoded_image(run_dir, caplog)
     assert "forward pass failed" in caplog.text
 
 
-def test_initialize_refuses_labels_that_do_not_match_the_model(tmp_path):
+def test_initialize_refuses_labels_that_do_not_match_the_model(handler_factory, tmp_path):
     run_dir = make_tiny_run(tmp_path / "run")
     (run_dir / "index_to_name.json").write_text(json.dumps({str(i): f"c{i}" for i in range(4)}))
     with pytest.raises(ValueError, match="outputs 3 classes but index_to_name.json names 4"):
-        new_handler(run_dir)
+        handler_factory(run_dir)
 
 
 def test_handler_module_defines_exactly_one_class():
@@ -227,11 +300,9 @@ def test_handler_module_defines_exactly_one_class():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fp16, pinned memory)")
-def test_cuda_half_precision_matches_fp32(run_dir):
+def test_cuda_half_precision_matches_fp32(handler_factory, run_dir):
     config = {**MODEL_YAML, "handler": {**MODEL_YAML["handler"], "precision": "fp16"}}
-    context = make_context(run_dir, config, gpu_id=0)
-    handler = ClassifierHandler()
-    handler.initialize(context)
+    handler, context = handler_factory(run_dir, config, gpu_id=0)
     assert handler.device == torch.device("cuda:0") and handler.half
     assert next(handler.model.parameters()).dtype == torch.float16
     colours = [RED, GREEN, BLUE, (128, 64, 200)]
@@ -243,11 +314,11 @@ def test_cuda_half_precision_matches_fp32(run_dir):
             assert answer["probability"] == pytest.approx(expected[answer["index"]], abs=2e-3)
 
 
-def test_grayscale_colour_mode_from_preprocess_json(tmp_path):
+def test_grayscale_colour_mode_from_preprocess_json(handler_factory, tmp_path):
     run_dir = make_tiny_run(tmp_path / "run")
     cfg = json.loads((run_dir / "preprocess.json").read_text())
     (run_dir / "preprocess.json").write_text(json.dumps({**cfg, "color_mode": "grayscale"}))
-    handler, _ = new_handler(run_dir)
+    handler, _ = handler_factory(run_dir)
     tensor = handler.preprocess([{"body": encode(Image.new("RGB", (8, 8), RED), "PNG")}])[0]
     luminance = round(255 * 299 / 1000) / 255  # PIL's L = 0.299 R (+ 0.587 G + 0.114 B)
     torch.testing.assert_close(tensor, torch.full((3, 8, 8), (luminance - 0.5) / 0.5), rtol=0, atol=1e-6)
