@@ -10,7 +10,8 @@ from pathlib import Path
 
 import requests
 
-from scripts.management import BatchWatch, Client, LogTail, Refused, pending_requests, server_message, worker_failure
+from scripts.management import (BatchWatch, Client, LogTail, Refused, pending_requests, server_message,
+                                worker_failure)
 from scripts.mar import locate_mar, read_manifest
 from scripts.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of
 from training.errors import UserError

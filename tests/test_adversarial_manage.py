@@ -22,7 +22,7 @@ from tests.test_manage import MANAGE, clone_mar, default, predict, server_flags,
 pytestmark = pytest.mark.integration
 
 SLOW_S = 3.0  # how long the slow handler holds each batch: far beyond the drain's quiet period
-SLOW_HANDLER = f'''"""Test handler: the project's handler holding every batch {SLOW_S} s (a slow model, on time)."""
+SLOW_HANDLER = f'''"""Test handler: the project's handler, every batch held {SLOW_S} s (a slow model)."""
 import time
 
 from classifier_handler import ClassifierHandler
