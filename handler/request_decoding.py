@@ -137,7 +137,7 @@ def decode_row(idx: int, row: Any, cfg: preprocessing.PreprocessConfig, max_pixe
 
 def decode_batch(rows: list, cfg: preprocessing.PreprocessConfig, max_pixels: int,
                  pool: Executor | None = None,
-                 max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES) -> list[torch.Tensor | BadImage]:
+                 max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES) -> list:
     """Decode every row on its own: a failure becomes that row's BadImage, never the batch's.
 
     With a thread pool the rows decode in parallel: Pillow releases the GIL while it decodes

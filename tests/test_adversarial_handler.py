@@ -1,4 +1,4 @@
-"""Regression probes of the outside review: corrupt JPEGs, decoded-byte bombs, Pillow's limit, one image a request.
+"""Probes of the outside review: corrupt JPEGs, decoded-byte bombs, Pillow's limit, one image a request.
 
 The first half runs the decoding functions in-process; the second half sends the same probes to a real
 TorchServe (the session's `server` fixture), where the defects were seen.
@@ -109,9 +109,9 @@ def test_sixteen_bit_conversion_holds_no_float64_copy_of_the_image():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert rgb.getpixel((7, 7)) == (156, 156, 156)  # round(40000 / 257)
-    # numpy's share (Pillow's own buffers are not traced): the float64 path peaked at 28 bytes a
-    # pixel (252 MB here); now two 16-bit copies and the 8-bit result (5 bytes a pixel) plus a
-    # few int64 blocks of ROWS_CHUNK_PIXELS, whatever the image size (measured 61 MB).
+    # numpy's share (Pillow's own buffers are not traced): the float64 path peaked at 24 bytes a
+    # pixel (216 MB here); now the 16-bit copies and the 8-bit result plus int64 blocks of
+    # ROWS_CHUNK_PIXELS, whatever the image size (measured 44 MB).
     assert peak < img.width * img.height * 6 + 4 * preprocessing.ROWS_CHUNK_PIXELS * 8
 
 
@@ -137,7 +137,8 @@ def test_to_uint8_gives_the_float64_formulas_results(mode, values):
 def test_open_image_leaves_the_process_warning_filters_alone(monkeypatch):
     filters, seen = warnings.filters, []
     real_open = Image.open
-    monkeypatch.setattr(Image, "open", lambda *a, **k: seen.append(warnings.filters is filters) or real_open(*a, **k))
+    monkeypatch.setattr(Image, "open",
+                        lambda *a, **k: seen.append(warnings.filters is filters) or real_open(*a, **k))
     with ThreadPoolExecutor(2) as pool:  # decode threads must not swap the process-wide filter list
         list(pool.map(lambda _: open_image(png_bytes(RED)), range(4)))
     assert seen == [True] * 4
@@ -183,13 +184,16 @@ def test_served_corrupt_jpeg_is_a_400_with_the_reason(server, probe):
 def test_served_16_bit_7000x7000_png_is_a_413_naming_size_and_limit(server, gray16_7000):
     response = raw(server, gray16_7000)
     assert response.status_code == 413
-    assert "98,000,000 bytes" in response.json()["error"] and "over the limit of 67,108,864" in response.json()["error"]
+    error = response.json()["error"]
+    assert "98,000,000 bytes" in error and "over the limit of 67,108,864" in error
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("parts", [
-    [("data", ("a.png", png_bytes(GREEN), "image/png")), ("data", ("b.gif", encode(Image.new("RGB", (8, 8), RED), "GIF"), "image/gif"))],
-    [("file", ("bomb.png", png_header_of(40000, 40000), "image/png")), ("data", ("d.png", png_bytes(RED), "image/png"))],
+    [("data", ("a.png", png_bytes(GREEN), "image/png")),
+     ("data", ("b.gif", encode(Image.new("RGB", (8, 8), RED), "GIF"), "image/gif"))],
+    [("file", ("bomb.png", png_header_of(40000, 40000), "image/png")),
+     ("data", ("d.png", png_bytes(RED), "image/png"))],
 ], ids=["two data parts", "file and data"])
 def test_served_multipart_with_two_images_is_a_400_naming_the_ambiguity(server, parts):
     response = post(server, files=parts)
@@ -212,7 +216,7 @@ def worker_rss_mb(server) -> float:
 
 @pytest.mark.integration
 def test_worker_memory_stays_bounded_under_a_burst_of_16_bit_pngs(server, gray16_7000):
-    """30 concurrent 7000x7000 16-bit PNGs: every one a 413, the worker's RSS grows little (docs/decoding.md)."""
+    """30 concurrent 7000x7000 16-bit PNGs: each a 413, the worker's RSS grows little (docs/decoding.md)."""
     before = worker_rss_mb(server)
     normal: dict = {}
 

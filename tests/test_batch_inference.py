@@ -16,7 +16,8 @@ from handler.preprocessing import BadImage
 def test_settings_defaults_and_values():
     assert parse_settings(None) == HandlerSettings()
     assert parse_settings({"batchSize": 8}) == HandlerSettings(topk=5, precision="fp32", cpu_threads="auto")
-    section = {"topk": 2, "max_pixels": 1000, "max_decoded_bytes": 4000, "precision": "fp16", "cpu_threads": 3}
+    section = {"topk": 2, "max_pixels": 1000, "max_decoded_bytes": 4000, "precision": "fp16",
+               "cpu_threads": 3}
     settings = parse_settings({"handler": section})
     assert settings == HandlerSettings(topk=2, max_pixels=1000, max_decoded_bytes=4000, precision="fp16",
                                        cpu_threads=3)

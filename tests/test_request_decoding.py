@@ -179,7 +179,8 @@ def test_repeated_form_fields_are_recorded_before_the_worker_merges_them():
     request_decoding.watch_repeated_fields(Worker)
     request_decoding.watch_repeated_fields(Worker)  # a second initialize wraps nothing more
     part = {"contentType": "image/png", "value": PNG}
-    batch = [{"requestId": b"1", "headers": [], "parameters": [{**part, "name": "data"}, {**part, "name": "data"}]},
+    two = [{**part, "name": "data"}, {**part, "name": "data"}]
+    batch = [{"requestId": b"1", "headers": [], "parameters": two},
              {"requestId": b"2", "headers": [], "parameters": [{**part, "name": "data"}]}]
     _, rows, _ = Worker.retrieve_data_for_inference(batch)
     assert rows[0] == {"data": PNG, "__repeated_fields__": ["data"]} and rows[1] == {"data": PNG}
