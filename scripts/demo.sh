@@ -36,6 +36,7 @@ import json, sys
 trained = json.load(open(sys.argv[1]))["best_val_acc"]
 rows = [json.loads(line) for line in open(sys.argv[2], encoding="utf-8")]
 served = sum(r["status"] == "ok" and r["label"] == r["true_label"] for r in rows) / len(rows)
-print(f"demo: served accuracy {served:.4f} on {len(rows)} validation images; training's validation accuracy {trained:.4f}")
+print(f"demo: served accuracy {served:.4f} on {len(rows)} validation images; "
+      f"training's validation accuracy {trained:.4f}")
 PYEOF
 exit "$check"

@@ -88,8 +88,8 @@ def one_epoch_run(small_lists, tmp_path_factory) -> Path:
     return out
 
 
-def test_killed_checkpoint_write_leaves_the_previous_checkpoint(small_lists, one_epoch_run, tmp_path, monkeypatch,
-                                                                capsys):
+def test_killed_checkpoint_write_leaves_the_previous_checkpoint(small_lists, one_epoch_run, tmp_path,
+                                                                monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pth").write_bytes((one_epoch_run / "checkpoint.pth").read_bytes())
@@ -147,8 +147,8 @@ def test_one_image_train_list_is_refused_for_batchnorm(small_lists, tmp_path, ca
 
 
 def test_batch_size_one_is_refused_for_batchnorm(small_lists, tmp_path, capsys):
-    code, err = run_cli(train, train_argv(small_lists, tmp_path / "run", "--epochs", "1", "--batch-size", "1"),
-                        capsys)
+    argv = train_argv(small_lists, tmp_path / "run", "--epochs", "1", "--batch-size", "1")
+    code, err = run_cli(train, argv, capsys)
     assert_one_line_error(code, err, "--batch-size 1", "BatchNorm")
 
 
@@ -248,7 +248,8 @@ def test_check_served_accepts_a_flipped_near_tie_and_rounding():
     ([0.55 - 3e-4, 0.45, 3e-4], "probability of 'a'"),  # probability beyond the tolerance
 ])
 def test_check_served_refuses_real_differences(served, message):
-    problems, figures = check_served.compare_rows([served_row(served)], [torch.tensor([0.55, 0.45, 0.0])], LABELS)
+    reference = [torch.tensor([0.55, 0.45, 0.0])]
+    problems, figures = check_served.compare_rows([served_row(served)], reference, LABELS)
     assert figures["disagree"] == 1 and any(message in p for p in problems), problems
 
 

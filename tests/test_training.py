@@ -59,7 +59,8 @@ def test_read_list_resolves_relative_paths_and_skips_comments(tmp_path, labels_f
     make_png(tmp_path / "img" / "b b.png")
     (tmp_path / "train.list").write_text("# header\n\nimg/a.png\tcat\nimg/b b.png\tdog\n")
     samples = read_list(tmp_path / "train.list", load_labels(labels_file))
-    assert samples == [((tmp_path / "img" / "a.png").resolve(), 0), ((tmp_path / "img" / "b b.png").resolve(), 1)]
+    assert samples == [((tmp_path / "img" / "a.png").resolve(), 0),
+                       ((tmp_path / "img" / "b b.png").resolve(), 1)]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -116,8 +117,9 @@ def test_lists_stratified_and_deterministic(tmp_path, capsys):
         for i in range(count):
             make_png(tmp_path / "tree" / cls / ("sub" if i % 2 else "") / f"{i}.{'PNG' if i % 3 else 'jpeg'}")
     (tmp_path / "tree" / "dog" / "notes.txt").write_text("not an image")
-    assert run_cli(lists, [str(tmp_path / "tree"), "--out", str(tmp_path / "a"), "--seed", "3"], capsys)[0] == 0
-    assert run_cli(lists, [str(tmp_path / "tree"), "--out", str(tmp_path / "b"), "--seed", "3"], capsys)[0] == 0
+    for name in ("a", "b"):
+        argv = [str(tmp_path / "tree"), "--out", str(tmp_path / name), "--seed", "3"]
+        assert run_cli(lists, argv, capsys)[0] == 0
     for name in ("train.list", "val.list", "labels.json"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     val = [line.split("\t")[1] for line in (tmp_path / "a" / "val.list").read_text().splitlines()]
@@ -168,7 +170,8 @@ def test_pretrained_weights_from_local_hub_cache(tmp_path, monkeypatch):
     model = build_model("mobilenet_v3_small", 4, weights="DEFAULT")
     assert torch.equal(model.features[0][0].weight, reference.features[0][0].weight)
     assert model.classifier[-1].out_features == 4
-    from_file = build_model("mobilenet_v3_small", 4, weights_file=str(tmp_path / "hub" / "checkpoints" / Path(url).name))
+    weights_file = str(tmp_path / "hub" / "checkpoints" / Path(url).name)
+    from_file = build_model("mobilenet_v3_small", 4, weights_file=weights_file)
     assert torch.equal(from_file.features[0][0].weight, reference.features[0][0].weight)
 
 
@@ -195,7 +198,8 @@ def test_export_fails_loudly_on_mismatch(tmp_path, monkeypatch):
 def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
     assert run_cli(lists, [str(digits), "--out", str(tmp_path / "lists")], capsys)[0] == 0
     out = tmp_path / "run"
-    argv = ["--train-list", str(tmp_path / "lists/train.list"), "--val-list", str(tmp_path / "lists/val.list"),
+    argv = ["--train-list", str(tmp_path / "lists/train.list"),
+            "--val-list", str(tmp_path / "lists/val.list"),
             "--labels", str(tmp_path / "lists/labels.json"), "--out", str(out), "--image-size", "32",
             "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--workers", "0"]
     code, err = run_cli(train, argv, capsys)
@@ -224,8 +228,8 @@ def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
     with torch.inference_mode():
         assert (a(x) - b(x)).abs().max().item() <= export.TOLERANCE
     # --resume continues from the saved epoch
-    code, err = run_cli(train, argv[:-6] + ["--epochs", "3", "--batch-size", "16", "--workers", "0", "--resume"],
-                        capsys)
+    resume = argv[:-6] + ["--epochs", "3", "--batch-size", "16", "--workers", "0", "--resume"]
+    code, err = run_cli(train, resume, capsys)
     assert code == 0, err
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2, 3]
 
@@ -237,7 +241,8 @@ def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
 ])
 def test_train_bad_flags_exit_2_with_one_line(digits, tmp_path, capsys, extra, message):
     assert run_cli(lists, [str(digits), "--out", str(tmp_path / "lists")], capsys)[0] == 0
-    argv = ["--train-list", str(tmp_path / "lists/train.list"), "--val-list", str(tmp_path / "lists/val.list"),
+    argv = ["--train-list", str(tmp_path / "lists/train.list"),
+            "--val-list", str(tmp_path / "lists/val.list"),
             "--labels", str(tmp_path / "lists/labels.json"), "--out", str(tmp_path / "run"), "--workers", "0"]
     code, err = run_cli(train, argv + extra, capsys)
     assert code == 2
@@ -247,8 +252,11 @@ def test_train_bad_flags_exit_2_with_one_line(digits, tmp_path, capsys, extra, m
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     (tmp_path / "labels.json").write_text('{"0": "a", "1": "b"}')
     (tmp_path / "train.list").write_text("missing.png\ta\n")
-    result = subprocess.run([sys.executable, "-m", "training.train", "--train-list", str(tmp_path / "train.list"),
-                             "--val-list", str(tmp_path / "train.list"), "--labels", str(tmp_path / "labels.json"),
+    result = subprocess.run([sys.executable, "-m", "training.train",
+                             "--train-list", str(tmp_path / "train.list"),
+                             "--val-list", str(tmp_path / "train.list"),
+                             "--labels", str(tmp_path / "labels.json"),
                              "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'train.list'}:1: image not found: {tmp_path / 'missing.png'}"
+    expected = f"error: {tmp_path / 'train.list'}:1: image not found: {tmp_path / 'missing.png'}"
+    assert result.stderr.strip() == expected

@@ -33,7 +33,8 @@ def reference_probabilities(run_dir: str | Path, paths: list[Path]) -> torch.Ten
     cfg = PreprocessConfig.load(run_dir / "preprocess.json")
     model = load_torchscript(run_dir / "model.pt").eval()
     with torch.inference_mode():
-        return torch.cat([torch.softmax(model(load_tensor(p, cfg).unsqueeze(0)).float(), dim=1) for p in paths])
+        rows = [model(load_tensor(p, cfg).unsqueeze(0)).float() for p in paths]
+        return torch.softmax(torch.cat(rows), dim=1)
 
 
 def compare_row(row: dict, expected: torch.Tensor | None, labels: list[str]) -> list[str]:
@@ -74,10 +75,12 @@ def compare_rows(rows: list[dict], reference: list[torch.Tensor | None],
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder with model.pt, preprocess.json, index_to_name.json")
     parser.add_argument("results", help="results.jsonl written by scripts/classify_dir.py")
-    parser.add_argument("--root", required=True, help="the folder classify_dir.py classified (row paths are relative to it)")
+    parser.add_argument("--root", required=True,
+                        help="the folder classify_dir.py classified (row paths are relative to it)")
     return parser
 
 
@@ -101,8 +104,9 @@ def main(args: argparse.Namespace) -> None:
         reference[i] = expected
     problems, figures = compare_rows(rows, reference, labels)
     summary = (f"{figures['images'] - figures['disagree']}/{figures['images']} images agree with model.pt "
-               f"(top-1 label except near ties under {LABEL_MARGIN:g}: {figures['near_ties']}; max probability "
-               f"difference {figures['max_difference']:.1e}, tolerance {PROBABILITY_TOLERANCE:g})")
+               f"(top-1 label except near ties under {LABEL_MARGIN:g}: {figures['near_ties']}; "
+               f"max probability difference {figures['max_difference']:.1e}, "
+               f"tolerance {PROBABILITY_TOLERANCE:g})")
     if problems:
         sys.exit("\n".join(problems[:10] + [f"check_served: disagreement: {summary}"]))
     print(f"check_served: {summary}")

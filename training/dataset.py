@@ -17,7 +17,7 @@ def read_list(list_path: str | Path, class_names: list[str]) -> list[tuple[Path,
     """Parse and validate a whole list file; every error names `file:line` and the fix."""
     list_path = Path(list_path)
     try:
-        text = list_path.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is not part of a path
+        text = list_path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is no part of a path
     except FileNotFoundError:
         raise UserError(f"{list_path}: list file not found") from None
     except UnicodeDecodeError as e:
@@ -41,7 +41,8 @@ def read_list(list_path: str | Path, class_names: list[str]) -> list[tuple[Path,
             path = list_path.parent / path
         path = Path(*path.parts).resolve()
         if path in first_line:
-            raise UserError(f"{where}: duplicate entry {path_text!r}, first listed at line {first_line[path]}")
+            raise UserError(f"{where}: duplicate entry {path_text!r}, "
+                            f"first listed at line {first_line[path]}")
         if not path.is_file():
             raise UserError(f"{where}: image not found: {path}")
         try:

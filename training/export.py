@@ -34,7 +34,8 @@ def load_torchscript(path: str | Path, device: str = "cpu") -> torch.jit.ScriptM
         return torch.jit.load(str(path), map_location=device)
 
 
-def max_logit_difference(eager: nn.Module, scripted: torch.jit.ScriptModule, image_size, seed: int = 0) -> float:
+def max_logit_difference(eager: nn.Module, scripted: torch.jit.ScriptModule, image_size,
+                         seed: int = 0) -> float:
     """Largest |eager - scripted| logit over random batches of size 1 and 8."""
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
@@ -82,7 +83,8 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by training.train")
-    parser.add_argument("--out", default=None, help="TorchScript file to write (default: model.pt beside the checkpoint)")
+    parser.add_argument("--out", default=None,
+                        help="TorchScript file to write (default: model.pt beside the checkpoint)")
     return parser
 
 

@@ -37,7 +37,8 @@ def load_labels(path: str | Path) -> list[str]:
         if index in by_index:
             raise UserError(f"{path}: index {index} appears twice; each index must appear once")
         if not isinstance(name, str) or not name.strip() or "\t" in name or "\n" in name:
-            raise UserError(f"{path}: index {index}: label must be a non-empty string without tabs or newlines")
+            raise UserError(f"{path}: index {index}: label must be a non-empty string "
+                            "without tabs or newlines")
         by_index[index] = name
     if sorted(by_index) != list(range(len(by_index))):
         missing = sorted(set(range(len(by_index))) - set(by_index))

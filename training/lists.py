@@ -40,7 +40,8 @@ def scan_classes(root: str | Path) -> dict[str, list[Path]]:
     for name, images in tree.items():
         if not images:
             raise UserError(f"{root / name}: class {name!r} has no images "
-                            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
+                            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                            "add some or remove the folder")
         bad = next((p for p in images if "\t" in str(p) or "\n" in str(p)), None)
         if bad is not None:
             raise UserError(f"{bad}: a tab or newline in a path cannot be written to a list file; rename it")
@@ -73,7 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("root", help="class-folder tree: ROOT/<class>/**/<image>")
     parser.add_argument("--out", required=True, help="folder for train.list, val.list and labels.json")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for validation")
+    parser.add_argument("--val-fraction", type=float, default=0.2,
+                        help="share of each class held out for validation")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (same seed, same lists)")
     return parser
 

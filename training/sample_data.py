@@ -34,7 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", help="folder to write the class folders into")
     parser.add_argument("--size", type=int, default=32, help="side of the written images in pixels")
-    parser.add_argument("--limit", type=int, default=None, help="write only the first N images (default: all 1,797)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="write only the first N images (default: all 1,797)")
     return parser
 
 

@@ -56,7 +56,8 @@ def resolve_device(name: str) -> torch.device:
 
 def load_data(args, cfg: PreprocessConfig, device: torch.device):
     """Validated train and val datasets and their loaders."""
-    train_set = ImageListDataset(args.train_list, args.labels, cfg, transform=TrainPreset(cfg=cfg, hflip=args.hflip))
+    train_set = ImageListDataset(args.train_list, args.labels, cfg,
+                                 transform=TrainPreset(cfg=cfg, hflip=args.hflip))
     val_set = ImageListDataset(args.val_list, args.labels, cfg)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
                   persistent_workers=args.workers > 0)
@@ -141,13 +142,15 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train-list", required=True, help="list file of training samples")
     parser.add_argument("--val-list", required=True, help="list file of validation samples")
     parser.add_argument("--labels", required=True, help="labels JSON {\"0\": name, ...}")
     parser.add_argument("--out", required=True, help="run folder to write, e.g. runs/NAME")
     parser.add_argument("--arch", default="resnet18", help="torchvision classification model name")
-    parser.add_argument("--weights", default=None, help="pretrained weights name (e.g. DEFAULT) from the local torch hub cache")
+    parser.add_argument("--weights", default=None,
+                        help="pretrained weights name (e.g. DEFAULT) from the local torch hub cache")
     parser.add_argument("--weights-file", default=None, help="pretrained state dict file for --arch")
     parser.add_argument("--image-size", type=int, nargs="+", default=[224], help="model input size: S or H W")
     parser.add_argument("--epochs", type=int, default=10, help="number of epochs")
@@ -159,7 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
     parser.add_argument("--freeze-backbone", action="store_true", help="train the output layer only")
-    parser.add_argument("--hflip", action="store_true", help="add random horizontal flips (not for text or digits)")
+    parser.add_argument("--hflip", action="store_true",
+                        help="add random horizontal flips (not for text or digits)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
     return parser
 
@@ -167,7 +171,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
     if len(size) != 2 or min(size) < 1:
-        raise UserError(f"--image-size {' '.join(map(str, args.image_size))}: give one or two positive integers")
+        raise UserError(f"--image-size {' '.join(map(str, args.image_size))}: "
+                        "give one or two positive integers")
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
@@ -238,10 +243,11 @@ def main(args: argparse.Namespace) -> None:
         print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
               f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} error {row['val_error']:.4f} | "
               f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f}s")
-        save_checkpoint({"model": model.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch, "args": vars(args), "arch": args.arch,
-                         "classes": classes, "preprocess": cfg.to_dict(),
-                         "history": history, "best_acc": best_acc}, checkpoint_path)
+        save_checkpoint({"model": model.state_dict(), "best_model": best_state,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "epoch": epoch, "args": vars(args), "arch": args.arch, "classes": classes,
+                         "preprocess": cfg.to_dict(), "history": history, "best_acc": best_acc},
+                        checkpoint_path)
     train_seconds = time.perf_counter() - start
 
     model.load_state_dict(best_state)
@@ -250,7 +256,8 @@ def main(args: argparse.Namespace) -> None:
     cfg.save(out / "preprocess.json")
     best = max(history, key=lambda h: h["val_acc"])
     metrics = {"arch": args.arch, "classes": classes, "image_size": list(image_size), "history": history,
-               "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "final_val_acc": history[-1]["val_acc"],
+               "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+               "final_val_acc": history[-1]["val_acc"],
                "train_seconds": train_seconds, "export_max_logit_difference": difference}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     plot_curves(history, out / "training_curves.png")
