@@ -53,6 +53,7 @@ def watch_repeated_fields(service_class: Any) -> None:
         return headers, rows, ids
 
     retrieve_data_for_inference.records_repeated_fields = True
+    retrieve_data_for_inference.__wrapped__ = merge  # TorchServe's own, for whoever needs it unwrapped
     service_class.retrieve_data_for_inference = staticmethod(retrieve_data_for_inference)
 
 
