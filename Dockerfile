@@ -33,6 +33,8 @@ ENV PATH=/app/.venv/bin:$PATH
 
 # The repository (.dockerignore leaves out .venv, runs, logs, data, archives and keys).
 COPY . .
+# The project itself (client, handler, training): importable by every command, probe and proxy.
+RUN /app/.venv/bin/pip install --no-deps --no-build-isolation -e .
 # The model store is a mounted volume; the folder is its mount point.
 RUN mkdir -p /app/model_store
 

@@ -10,10 +10,7 @@ from typing import Callable
 
 import torch
 
-try:  # inside the .mar the modules sit side by side
-    import preprocessing
-except ImportError:  # in the repository they form the `handler` package
-    from handler import preprocessing
+from handler import preprocessing
 
 BadImage = preprocessing.BadImage
 logger = logging.getLogger(__name__)
@@ -86,8 +83,7 @@ def load_model(path: str | os.PathLike, device: torch.device, half: bool) -> tor
     """Load the TorchScript model onto `device`, in eval mode and optionally in fp16.
 
     On the CPU it is also frozen and optimised for inference (batch norm folded into the
-    convolutions, oneDNN kernels): resnet18 at 224x224 in batches of 8 takes 16.7 instead of
-    19.5 ms an image on 2 cores, with probabilities within 1e-6 of the file's.
+    convolutions, oneDNN kernels); docs/benchmark.md's tuning log has what that gains.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the format

@@ -15,12 +15,7 @@ import torch
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-try:  # inside the .mar the modules sit side by side
-    import batch_inference
-    import preprocessing
-    import request_decoding
-except ImportError:  # in the repository they form the `handler` package
-    from handler import batch_inference, preprocessing, request_decoding
+from handler import batch_inference, preprocessing, request_decoding
 
 logger = logging.getLogger(__name__)
 

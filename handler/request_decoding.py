@@ -14,10 +14,7 @@ from typing import Any
 
 import torch
 
-try:  # inside the .mar the modules sit side by side
-    import preprocessing
-except ImportError:  # in the repository they form the `handler` package
-    from handler import preprocessing
+from handler import preprocessing
 
 BadImage = preprocessing.BadImage
 logger = logging.getLogger(__name__)

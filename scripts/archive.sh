@@ -2,6 +2,8 @@
 # Package a training run as MODEL_STORE/NAME-VERSION.mar with this repository's handler.
 #   scripts/archive.sh RUN_DIR NAME VERSION [--force]
 # MODEL_STORE (environment) picks the store; default: model_store/ in the repository.
+# HANDLER_DIR (a copy of handler/, e.g. an older revision to measure against) and MODEL_CONFIG
+# (another model-config.yaml) are for the benchmark's variants; defaults: this repository's.
 # One file per version, so several versions can stand in the store side by side.
 set -euo pipefail
 
@@ -9,8 +11,9 @@ USAGE="usage: scripts/archive.sh RUN_DIR NAME VERSION [--force]"
 die() { echo "error: $*" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-HANDLER_FILES=(handler/classifier_handler.py handler/preprocessing.py handler/request_decoding.py
-               handler/batch_inference.py handler/model-config.yaml)
+HANDLER_DIR=$(cd "${HANDLER_DIR:-$REPO/handler}" 2>/dev/null && pwd) || die "HANDLER_DIR not found: $HANDLER_DIR"
+MODEL_CONFIG=$(realpath -m "${MODEL_CONFIG:-$HANDLER_DIR/model-config.yaml}")
+HANDLER_FILES=("$HANDLER_DIR/__init__.py" "$HANDLER_DIR/classifier_handler.py" "$MODEL_CONFIG")
 RUN_FILES=(model.pt index_to_name.json preprocess.json)
 
 force=0
@@ -36,7 +39,7 @@ run_dir=$(cd "$run_arg" && pwd)
 [[ "$run_dir" != *,* ]] || die "run folder path must not contain ',' (torch-model-archiver splits on it): $run_dir"
 missing=()
 for f in "${RUN_FILES[@]}"; do [ -f "$run_dir/$f" ] || missing+=("$run_arg/$f"); done
-for f in "${HANDLER_FILES[@]}"; do [ -f "$REPO/$f" ] || missing+=("$REPO/$f"); done
+for f in "${HANDLER_FILES[@]}"; do [ -f "$f" ] || missing+=("$f"); done
 [ "${#missing[@]}" -eq 0 ] || die "missing: ${missing[*]}"
 
 store=${MODEL_STORE:-$REPO/model_store}
@@ -77,13 +80,16 @@ EOF
 # so the file appears whole and never under a name a server could pick up half-written.
 work=$(mktemp -d "$store/.archive-$name-XXXXXX")
 trap 'rm -rf "$work"' EXIT
-extra="handler/preprocessing.py,handler/request_decoding.py,handler/batch_inference.py"
-extra+=",$run_dir/index_to_name.json,$run_dir/preprocess.json"
+# The handler ships as the `handler` package, imported inside the .mar exactly as in the
+# repository; the archiver copies a folder's contents, so it gets a folder holding the package.
+mkdir -p "$work/package/handler"
+cp "$HANDLER_DIR"/*.py "$work/package/handler/"
+extra="$work/package,$run_dir/index_to_name.json,$run_dir/preprocess.json"
 "$archiver" --model-name "$name" --version "$version" \
     --serialized-file "$run_dir/model.pt" \
-    --handler handler/classifier_handler.py \
+    --handler "$HANDLER_DIR/classifier_handler.py" \
     --extra-files "$extra" \
-    --config-file handler/model-config.yaml \
+    --config-file "$MODEL_CONFIG" \
     --export-path "$work"
 mv -f "$work/$name.mar" "$target"
 size=$(du -h "$target" | cut -f1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Java >= 11 for TorchServe's frontend, and .venv with the
-# pinned requirements. A stamp keyed on requirements.txt makes a rerun a no-op.
+# pinned requirements and this project installed editable. A stamp keyed on requirements.txt and
+# pyproject.toml makes a rerun a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=".venv/.requirements-$(sha256sum requirements.txt | cut -c1-16)"
+stamp=".venv/.requirements-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
     echo "install: .venv is up to date"
     exit 0
@@ -22,6 +23,10 @@ fi
 # PIP_CONFIG_FILE=/dev/null: a machine-wide pip config may carry a constraint
 # file that caps torch below the pinned release; the pins here are the truth.
 PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+# The project itself, editable: its packages (client, handler, training, benchmarks) import from
+# anywhere, with no sys.path edits, and pyproject.toml's console scripts land in .venv/bin.
+PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check --no-deps \
+    --no-build-isolation -e .
 rm -f .venv/.requirements-*
 touch "$stamp"
 echo "install: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

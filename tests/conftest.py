@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from client.local_server import LocalServer
+from tests.tiny_model import make_tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
 SERVE = REPO / "scripts" / "serve.sh"
@@ -20,108 +20,25 @@ ARCHIVE = REPO / "scripts" / "archive.sh"
 PYTHON = REPO / ".venv" / "bin" / "python"
 MODEL, VERSION = "tiny", "1.0"
 LABELS = ["red", "green", "blue"]  # TinyNet: class i reacts to channel i
-
-sys.path.insert(0, str(REPO))
-from scripts import tsclient  # noqa: E402
-from scripts.local_server import free_port_env, read_pid, serve_env, short_tmpdir  # noqa: E402
-from tests.tiny_model import make_tiny_run  # noqa: E402
+COLORS = {"red": (230, 20, 30), "green": (10, 220, 40), "blue": (25, 15, 240)}  # class i <- channel i
 
 
 @dataclass
-class Server:
-    """A TorchServe run by scripts/serve.sh with its own ports, store, logs, TMPDIR and key file."""
+class Server(LocalServer):
+    """The tests' TorchServe: a LocalServer that knows the run folder and model it serves."""
 
-    base: Path
-    store: Path
-    run_dir: Path
-    ports: dict[str, int]
+    run_dir: Path | None = None
     model: str = MODEL
     version: str = VERSION
-    mars: list[str] = field(default_factory=list)
-    tmpdir: Path | None = None  # TMPDIR of the server; short, since it holds the workers' Unix sockets
-
-    @property
-    def log_dir(self) -> Path:
-        return self.base / "logs"
-
-    @property
-    def key_file(self) -> Path:
-        return self.base / "keys" / "key_file.json"
-
-    @property
-    def inference_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['TS_INFERENCE_PORT']}"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['TS_MANAGEMENT_PORT']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['TS_METRICS_PORT']}"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return serve_env(self.ports, self.store, self.log_dir, self.key_file.parent,
-                         self.tmpdir or self.log_dir / "tmp", 120, **extra)
-
-    def serve(self, *args: str, timeout: float = 150, **extra: str) -> subprocess.CompletedProcess:
-        """Run scripts/serve.sh with this server's environment; output captured."""
-        return subprocess.run(["bash", str(SERVE), *args], env=self.env(**extra), cwd=self.base,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def start(self) -> None:
-        result = self.serve("start", *self.mars)
-        assert result.returncode == 0, f"serve.sh start failed:\n{result.stdout}\n{result.stderr}"
-
-    def stop(self) -> None:
-        result = self.serve("stop", timeout=120)
-        assert result.returncode == 0, f"serve.sh stop failed:\n{result.stdout}\n{result.stderr}"
-
-    def pid(self) -> int | None:
-        """The frontend's pid from serve.sh's state file, None when not running."""
-        return read_pid(self.log_dir)
-
-    def keys(self) -> tsclient.Keys:
-        return tsclient.Keys(self.key_file, self.management_url)
 
     def workers(self) -> list[dict]:
-        """The default version's workers from the management API."""
-        return tsclient.describe(self.management_url, self.keys(), self.model, self.version)[0]["workers"]
-
-    def remove_tmpdir(self) -> None:
-        """Remove a TMPDIR made outside `base` (after the server stopped)."""
-        if self.tmpdir and self.base not in self.tmpdir.parents:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def kill(self) -> None:
-        """Last resort after a failed stop: SIGKILL the frontend by its recorded pid."""
-        pid = self.pid()
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    @contextmanager
-    def running(self) -> Iterator["Server"]:
-        """Started for the block; stopped by its pid afterwards, even when the block fails."""
-        try:
-            self.start()
-            yield self
-        finally:
-            try:
-                self.stop()
-            except (AssertionError, subprocess.TimeoutExpired):
-                self.kill()
-            self.remove_tmpdir()
+        """The served version's workers from the management API."""
+        return self.api().describe(self.model, self.version)[0]["workers"]
 
 
 def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
     """A Server description on six fresh ports (not started)."""
-    (base / "keys").mkdir(parents=True, exist_ok=True)
-    tmpdir = short_tmpdir(base / "logs" / "tmp")
-    return Server(base=base, store=store, run_dir=run_dir, ports=free_port_env(),
-                  mars=mars, tmpdir=tmpdir)
+    return Server(base=base, store=store, run_dir=run_dir, mars=mars)
 
 
 def archive(run_dir: Path, store: Path, name: str, version: str) -> Path:
@@ -163,3 +80,24 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def write_images(directory: Path, count: int, mislabel: bool = False) -> list[str]:
+    """`count` 8x8 PNGs in red/green/blue class folders (each in the wrong one with mislabel)."""
+    paths = []
+    for i in range(count):
+        color = LABELS[i % 3]
+        folder = LABELS[(i + 1) % 3] if mislabel else color
+        path = directory / folder / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), COLORS[color]).save(path)
+        paths.append(path.relative_to(directory).as_posix())
+    return paths
+
+
+def rows_written(output: Path) -> int:
+    """Lines in a classify_dir.py output so far (0 before it exists)."""
+    try:
+        return output.read_text(encoding="utf-8").count("\n")
+    except FileNotFoundError:
+        return 0

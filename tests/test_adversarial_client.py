@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts import predict, tsclient
-from scripts.local_server import free_ports
-from tests.conftest import archive, wait_for
-from tests.test_classify_dir import client_args, read_rows, rows_written, run_client, write_images
+from client import errors, sending, torchserve
+from client.local_server import free_ports
+from tests.conftest import archive, rows_written, wait_for, write_images
+from tests.test_classify_dir import client_args, read_rows, run_client
 
 pytestmark = pytest.mark.integration
 LIMIT = 64 * 1024 * 1024  # config.properties' max_request_size
@@ -62,7 +62,7 @@ def test_fifo_device_and_oversize_files_get_error_rows_without_being_read(server
 
 
 def _manage(server, method: str, path: str, **params) -> None:
-    response = tsclient.request_with_key(tsclient.new_session(), method, f"{server.management_url}{path}",
+    response = torchserve.request_with_key(torchserve.new_session(), method, f"{server.management_url}{path}",
                                          server.keys(), "management", params=params, timeout=120)
     assert response.status_code == 200, response.text
 
@@ -93,13 +93,13 @@ def test_version_scaled_to_zero_workers_exits_2_up_front(server, spare_version, 
 
     # the check inside a run: a last 503 while no worker is READY stops the run
     keys = server.keys()
-    classifier = predict.Classifier(
-        server.inference_url, server.model, spare_version, keys,
-        predict.VersionTracker(server.management_url, keys, server.model, spare_version),
+    api = torchserve.TorchServe(server.inference_url, server.management_url, keys)
+    classifier = sending.Classifier(
+        api, server.model, spare_version, sending.VersionTracker(api, server.model, spare_version),
         topk=3, retries=0, timeout=30)
-    with pytest.raises(predict.Fatal, match="has no READY worker and answers 503"):
+    with pytest.raises(errors.ServerUnavailable, match="has no READY worker and answers 503"):
         classifier.classify(root / "red" / "0000.png", "red/0000.png")
-    assert tsclient.ping(server.inference_url, server.keys()) is None  # the shared 1.0 still serves
+    assert torchserve.ping(server.inference_url, server.keys()) is None  # the shared 1.0 still serves
 
 
 def test_workers_removed_mid_run_exit_2_with_rows_kept(server, spare_version, many_images, tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from handler import preprocessing
 from handler.preprocessing import DEFAULT_MAX_DECODED_BYTES, BadImage, open_image, to_uint8
-from scripts import tsclient
+from client import torchserve
 from tests.image_zoo import (GREEN, RED, big_gray16_png_bytes, cut_jpeg_with_end_marker, encode,
                              gradient_jpeg_bytes, jpeg_bytes, jpeg_claiming_size, png_bytes, png_header_of)
 
@@ -163,7 +163,7 @@ def test_max_pixels_above_pillows_default_is_honoured(pillow_limit):
 # ---- through a real TorchServe ----
 
 def post(server, **kwargs) -> requests.Response:
-    return tsclient.request_with_key(tsclient.new_session(), "POST",
+    return torchserve.request_with_key(torchserve.new_session(), "POST",
                                      f"{server.inference_url}/predictions/{server.model}", server.keys(),
                                      "inference", timeout=60, **kwargs)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from scripts import tsclient
-from scripts.local_server import free_ports
-from tests.conftest import PYTHON, archive, make_server, wait_for
-from tests.test_manage import MANAGE, clone_mar, default, predict, server_flags, versions, write_images
+from client import torchserve
+from client.local_server import free_ports
+from tests.conftest import PYTHON, archive, make_server, wait_for, write_images
+from tests.test_manage import MANAGE, clone_mar, default, predict, server_flags, versions
 
 pytestmark = pytest.mark.integration
 
@@ -168,10 +168,10 @@ def test_rollout_waits_for_the_batch_a_worker_holds(aserver):
     stop = threading.Event()
 
     def client() -> None:  # keeps one request in flight on the default version
-        session = tsclient.new_session(1)
+        session = torchserve.new_session(1)
         while not stop.is_set():
             try:
-                response = tsclient.request_with_key(
+                response = torchserve.request_with_key(
                     session, "POST", f"{srv.inference_url}/predictions/slow", srv.keys(), "inference",
                     data=(srv.base / "red.png").read_bytes(), timeout=4 * SLOW_S + 30)
                 answers.append((response.status_code, response.headers.get("X-Model-Version")))

@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts import predict, results, tsclient, walk
-from scripts.local_server import free_ports
-from tests.conftest import PYTHON, REPO, archive, wait_for
+from client import results, sending, torchserve, walk
+from client.local_server import free_ports
+from tests.conftest import COLORS, PYTHON, REPO, archive, rows_written, wait_for, write_images
 from tests.image_zoo import write_zoo
 
 CLIENT = REPO / "scripts" / "classify_dir.py"
 ZOO_EXTENSIONS = "jpg,jpeg,png,gif,webp,txt,html,pdf"
-COLORS = {"red": (230, 20, 30), "green": (10, 220, 40), "blue": (25, 15, 240)}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -41,30 +40,11 @@ def run_client(server, directory: Path, output: Path, *extra: str, timeout: floa
                           capture_output=True, text=True, timeout=timeout)
 
 
-def write_images(directory: Path, count: int) -> list[str]:
-    """`count` small PNGs in red/green/blue class folders; returns their relative paths."""
-    paths = []
-    for i in range(count):
-        label = list(COLORS)[i % 3]
-        path = directory / label / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), COLORS[label]).save(path)
-        paths.append(path.relative_to(directory).as_posix())
-    return paths
-
-
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> tuple[Path, list[str]]:
     """600 images: enough for a run at concurrency 1 to be stopped half-way."""
     directory = tmp_path_factory.mktemp("many")
     return directory, write_images(directory, 600)
-
-
-def rows_written(output: Path) -> int:
-    try:
-        return output.read_text(encoding="utf-8").count("\n")
-    except FileNotFoundError:
-        return 0
 
 
 # ---- helpers, no server ----
@@ -107,7 +87,7 @@ def test_read_image_refuses_non_regular_and_oversize_files_without_blocking(tmp_
              # a regular file whose size says 0: only at most limit + 1 bytes are read
              (Path("/proc/self/status"), 10, "too large", "over 10 bytes")]
     for path, limit, reason, message in cases:
-        with pytest.raises(walk.Refused, match=re.escape(message)) as refused:
+        with pytest.raises(walk.NotSent, match=re.escape(message)) as refused:
             walk.read_image(path, limit)
         assert refused.value.reason == reason
 
@@ -134,7 +114,7 @@ def test_resume_keeps_first_ok_row_per_file_and_drops_the_rest(tmp_path, suffix)
 
 
 def test_management_url_is_the_next_port():
-    assert tsclient.management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
+    assert torchserve.management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
 
 
 def test_usage_errors_exit_2_without_traceback(tmp_path):
@@ -190,7 +170,7 @@ def test_zoo_nested_with_odd_names_one_row_each_right_statuses(server, tmp_path)
             assert row["error"] and row["label"] is None
     assert "failed 7" in result.stdout and "http 400: 5" in result.stdout and "http 413: 1" in result.stdout
     assert "unreadable: 1" in result.stdout and "images/s" in result.stdout and "p99" in result.stdout
-    assert tsclient.ping(server.inference_url, server.keys()) is None
+    assert torchserve.ping(server.inference_url, server.keys()) is None
     assert [w["pid"] for w in server.workers()] == pid_before
     assert all(w["status"] == "READY" for w in server.workers())
 
@@ -251,12 +231,12 @@ def test_inference_key_renewed_through_the_api_key_is_picked_up(server, tmp_path
     keys = server.keys()
     old = keys.get("inference")
     # renew the inference key with the API key: the server rewrites key_file.json, the old key dies
-    renewed = tsclient.new_session().get(f"{server.management_url}/token", params={"type": "inference"},
+    renewed = torchserve.new_session().get(f"{server.management_url}/token", params={"type": "inference"},
                                          headers={"Authorization": f"Bearer {keys.get('API')}"}, timeout=10)
     assert renewed.status_code == 200
-    classifier = predict.Classifier(
-        server.inference_url, server.model, None, keys,
-        predict.VersionTracker(server.management_url, keys, server.model, None),
+    api = torchserve.TorchServe(server.inference_url, server.management_url, keys)
+    classifier = sending.Classifier(
+        api, server.model, None, sending.VersionTracker(api, server.model, None),
         topk=3, retries=0, timeout=30)
     row, reason = classifier.classify(path, "red.png")
     assert reason is None and row["label"] == "red" and row["model_version"] == "1.0"
@@ -306,9 +286,9 @@ def test_server_stopped_mid_run_exit_2_then_resume_after_restart(server, many, t
 
     # the restart rotated the keys: a client holding the old ones re-reads the file and goes on
     assert old_keys.get("inference") != server.keys().get("inference")
-    classifier = predict.Classifier(
-        server.inference_url, server.model, None, old_keys,
-        predict.VersionTracker(server.management_url, old_keys, server.model, None),
+    api = torchserve.TorchServe(server.inference_url, server.management_url, old_keys)
+    classifier = sending.Classifier(
+        api, server.model, None, sending.VersionTracker(api, server.model, None),
         topk=3, retries=0, timeout=30)
     row, reason = classifier.classify(directory / paths[0], paths[0])
     assert reason is None and row["status"] == "ok"
@@ -349,10 +329,10 @@ def test_rows_report_the_version_that_was_default_when_sent(server, tmp_path):
     root = tmp_path / "imgs"
     write_images(root, 6)
     archive(server.run_dir, server.store, server.model, "2.0")
-    session, keys = tsclient.new_session(), server.keys()
+    session, keys = torchserve.new_session(), server.keys()
 
     def manage(method: str, path: str, **params):
-        response = tsclient.request_with_key(session, method, f"{server.management_url}{path}", keys,
+        response = torchserve.request_with_key(session, method, f"{server.management_url}{path}", keys,
                                              "management", params=params, timeout=60)
         assert response.status_code == 200, response.text
 

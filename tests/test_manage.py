@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scripts import management, tsclient
-from scripts.local_server import free_ports
-from scripts.mar import read_manifest
-from tests.conftest import LABELS, PYTHON, REPO, archive, make_server, wait_for
+from client import errors, torchserve
+from client.local_server import free_ports
+from client.rollout import read_manifest
+from tests.conftest import COLORS, PYTHON, REPO, archive, make_server, rows_written, wait_for, write_images
 
 pytestmark = pytest.mark.integration
 
 MANAGE = REPO / "scripts" / "manage.py"
 CLIENT = REPO / "scripts" / "classify_dir.py"
-COLORS = {"red": (230, 20, 30), "green": (10, 220, 40), "blue": (25, 15, 240)}  # class i <- channel i
 LOAD_IMAGES, CONCURRENCY = 1200, 16
 # Batches of 32 that never fill at 16 in flight: each waits 200 ms, so the load runs at about
 # 80 images/s on any machine and lasts long enough (~15 s) for a rollout to happen inside it.
@@ -37,19 +36,6 @@ def clone_mar(source: Path, target: Path, name: str, version: str, replace: dict
                 data = json.dumps(manifest, indent=2).encode()
             out.writestr(info, data)
     return target
-
-
-def write_images(directory: Path, count: int, mislabel: bool = False) -> list[str]:
-    """`count` 8x8 PNGs in red/green/blue class folders (each in the wrong one with mislabel)."""
-    paths = []
-    for i in range(count):
-        color = LABELS[i % 3]
-        folder = LABELS[(i + 1) % 3] if mislabel else color
-        path = directory / folder / f"{i:04d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), COLORS[color]).save(path)
-        paths.append(path.relative_to(directory).as_posix())
-    return paths
 
 
 def server_flags(srv) -> list[str]:
@@ -71,26 +57,19 @@ def run_manage(srv, command: str, *args: str, timeout: float = 120) -> subproces
 
 
 def versions(srv, name: str) -> dict[str, dict]:
-    return {v["modelVersion"]: v for v in tsclient.describe(srv.management_url, srv.keys(), name)}
+    return {v["modelVersion"]: v for v in srv.api().versions(name)}
 
 
 def default(srv, name: str) -> str | None:
-    return tsclient.default_version(srv.management_url, srv.keys(), name)
+    return srv.api().default_version(name)
 
 
 def predict(srv, name: str, color: str = "red", version: str | None = None):
     path = f"/predictions/{name}" + (f"/{version}" if version else "")
     buf = Path(srv.base / f"{color}.png")
     Image.new("RGB", (8, 8), COLORS[color]).save(buf)
-    return tsclient.request_with_key(tsclient.new_session(1), "POST", srv.inference_url + path, srv.keys(),
+    return torchserve.request_with_key(torchserve.new_session(1), "POST", srv.inference_url + path, srv.keys(),
                                      "inference", data=buf.read_bytes(), timeout=30)
-
-
-def rows_written(output: Path) -> int:
-    try:
-        return output.read_text(encoding="utf-8").count("\n")
-    except FileNotFoundError:
-        return 0
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +97,7 @@ def test_manifest_names_the_model_not_the_file_name(tmp_path):
     mar = clone_mar(tmp_path / "tiny-9.mar", tmp_path / "anything.mar", "digits", "2.1")
     assert read_manifest(mar) == ("digits", "2.1")
     (tmp_path / "broken.mar").write_bytes(mar.read_bytes()[:200])
-    with pytest.raises(management.Refused, match="not a readable model archive"):
+    with pytest.raises(errors.Refused, match="not a readable model archive"):
         read_manifest(tmp_path / "broken.mar")
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from handler.preprocessing import PreprocessConfig, load_tensor
-from scripts import tsclient
+from client import torchserve
 from tests.conftest import REPO, make_server, wait_for
 from tests.image_zoo import zoo_files
 
@@ -27,7 +27,7 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> bytes:
 
 
 def predict(server, data: bytes, session: requests.Session | None = None) -> requests.Response:
-    return tsclient.request_with_key(session or tsclient.new_session(), "POST",
+    return torchserve.request_with_key(session or torchserve.new_session(), "POST",
                                      f"{server.inference_url}/predictions/{server.model}", server.keys(),
                                      "inference", data=data, timeout=30,
                                      headers={"Content-Type": "application/octet-stream"})
@@ -70,9 +70,9 @@ def test_status_lists_model_version_default_and_workers(server):
 
 
 def test_ping_needs_the_key_and_auth_stays_on(server):
-    assert tsclient.ping(server.inference_url, server.keys()) is None
+    assert torchserve.ping(server.inference_url, server.keys()) is None
     bad = requests.get(f"{server.inference_url}/ping", headers={"Authorization": "Bearer wrong"}, timeout=5)
-    assert tsclient.is_auth_error(bad)
+    assert torchserve.is_auth_error(bad)
 
 
 def test_second_start_refuses_busy_ports(server, tmp_path):
@@ -87,7 +87,7 @@ def test_second_start_refuses_busy_ports(server, tmp_path):
 
 def test_allowed_urls_refuse_remote_archives(server):
     for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd.mar"):
-        response = tsclient.request_with_key(tsclient.new_session(), "POST",
+        response = torchserve.request_with_key(torchserve.new_session(), "POST",
                                              f"{server.management_url}/models", server.keys(), "management",
                                              params={"url": url}, timeout=10)
         assert response.status_code == 404 and "does not match any allowed URL" in response.text
@@ -95,7 +95,7 @@ def test_allowed_urls_refuse_remote_archives(server):
 
 def test_prometheus_metrics_on_the_metrics_port(server):
     predict(server, png((200, 0, 0)))
-    response = tsclient.request_with_key(tsclient.new_session(), "GET", f"{server.metrics_url}/metrics",
+    response = torchserve.request_with_key(torchserve.new_session(), "GET", f"{server.metrics_url}/metrics",
                                          server.keys(), "inference", timeout=10)
     assert response.status_code == 200 and "# TYPE" in response.text
 
@@ -103,7 +103,7 @@ def test_prometheus_metrics_on_the_metrics_port(server):
 def test_served_predictions_equal_in_process(server):
     files = {name: data for name, (data, status) in zoo_files().items() if status == 200}
     files.update({"red.png": png((230, 30, 10)), "mixed.png": png((120, 130, 125), (40, 24))})
-    session = tsclient.new_session()
+    session = torchserve.new_session()
     for name, data in files.items():
         response = predict(server, data, session)
         assert response.status_code == 200, (name, response.text)
@@ -136,7 +136,7 @@ def test_mixed_batch_gets_per_image_statuses_and_worker_survives(server):
         results: dict[str, requests.Response] = {}
 
         def send(name: str, data: bytes) -> None:
-            session = tsclient.new_session()
+            session = torchserve.new_session()
             barrier.wait(timeout=10)
             results[name] = predict(server, data, session)
 

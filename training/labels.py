@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.errors import UserError
+from client.errors import UserError
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -9,7 +9,7 @@ import os
 import random
 from pathlib import Path
 
-from training.errors import UserError, run_main
+from client.errors import UserError, run_main
 from training.labels import save_labels
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

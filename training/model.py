@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from training.errors import UserError
+from client.errors import UserError
 
 
 def classification_archs() -> list[str]:

@@ -21,11 +21,7 @@ from pathlib import Path
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.tsclient import Keys, new_session, request_with_key  # noqa: E402
+from client.torchserve import Keys, new_session, request_with_key
 
 log = logging.getLogger("auth_proxy")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones this proxy sets itself.

@@ -23,11 +23,7 @@ from pathlib import Path
 
 import requests
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `scripts` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-from scripts.tsclient import Keys, is_auth_error, new_session, request_with_key  # noqa: E402
+from client.torchserve import Keys, is_auth_error, new_session, request_with_key
 
 
 def probe(mode: str, inference_url: str, management_url: str, key_file: str, timeout: float) -> str | None:

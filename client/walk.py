@@ -14,7 +14,7 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S
               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
 
 
-class Refused(Exception):
+class NotSent(Exception):
     """A file the client does not send; `reason` counts it in the summary, the message says why."""
 
     def __init__(self, reason: str, message: str):
@@ -73,21 +73,21 @@ def iter_files(root: Path, extensions: set[str], recursive: bool = True,
 
 
 def read_image(path: Path, max_bytes: int) -> bytes:
-    """A regular file's bytes (links resolved), at most `max_bytes`; Refused otherwise; never blocks."""
+    """A regular file's bytes (links resolved), at most `max_bytes`; NotSent otherwise; never blocks."""
     try:
         # stat first: opening a FIFO blocks for a writer and opening a device can act on it
         _check_regular(os.stat(path), max_bytes)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise Refused("unreadable", f"cannot read the file: {e.strerror or e}") from None
+        raise NotSent("unreadable", f"cannot read the file: {e.strerror or e}") from None
     with os.fdopen(fd, "rb") as f:
         try:
             _check_regular(os.fstat(fd), max_bytes)  # the path may name another file since the stat
             data = f.read(max_bytes + 1)  # a file can grow, and /proc files say size 0
         except OSError as e:
-            raise Refused("unreadable", f"cannot read the file: {e.strerror or e}") from None
+            raise NotSent("unreadable", f"cannot read the file: {e.strerror or e}") from None
     if len(data) > max_bytes:
-        raise Refused("too large", f"file is over {max_bytes} bytes, the request size limit "
+        raise NotSent("too large", f"file is over {max_bytes} bytes, the request size limit "
                                    f"(--max-request-size)")
     return data
 
@@ -95,9 +95,9 @@ def read_image(path: Path, max_bytes: int) -> bytes:
 def _check_regular(st: os.stat_result, max_bytes: int) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = FILE_KINDS.get(stat.S_IFMT(st.st_mode), "unknown kind")
-        raise Refused("not a regular file", f"not a regular file ({kind}): not sent")
+        raise NotSent("not a regular file", f"not a regular file ({kind}): not sent")
     if st.st_size > max_bytes:
-        raise Refused("too large", f"file is {st.st_size} bytes, over the request size limit of "
+        raise NotSent("too large", f"file is {st.st_size} bytes, over the request size limit of "
                                    f"{max_bytes} bytes (--max-request-size)")
 
 

@@ -1,23 +1,49 @@
-"""Changing what a TorchServe serves, for manage.py: register, drain and unregister a version, and
-the rollout that swaps versions with no failed request (smoke test first, roll back on failure).
+"""Changing what a TorchServe serves, for manage.py: the archive a version comes from, register,
+drain and unregister a version, and the rollout that swaps versions with no failed request
+(smoke test first, roll back on failure).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
-from scripts.management import (BatchWatch, Client, LogTail, Refused, pending_requests, server_message,
-                                worker_failure)
-from scripts.mar import locate_mar, read_manifest
-from scripts.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of
-from training.errors import UserError
+from client.errors import Refused, RolledBack, ServerUnavailable, UserError
+from client.server_logs import BatchWatch, LogTail, worker_failure
+from client.torchserve import TorchServe, pending_requests, server_message
+from client.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of
 
 
-def register(client: Client, mar: Path, workers: int | None, batch_size: int | None,
+def read_manifest(mar: Path) -> tuple[str, str]:
+    """(model name, version) from the archive's MAR-INF/MANIFEST.json, not from its file name."""
+    try:
+        with zipfile.ZipFile(mar) as archive:
+            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
+        return str(model["modelName"]), str(model["modelVersion"])
+    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
+        raise Refused(f"{mar} is not a readable model archive (MAR-INF/MANIFEST.json with modelName "
+                      f"and modelVersion): {type(e).__name__}: {e}") from None
+
+
+def locate_mar(mar: str, store: Path) -> Path:
+    """The archive as a path inside the model store: TorchServe registers only files of its store."""
+    path = Path(mar).expanduser()
+    if not path.is_file() and not path.is_absolute() and (store / mar).is_file():
+        path = store / mar
+    if not path.is_file():
+        raise UserError(f"model archive not found: {mar} (nor in the model store {store})")
+    if path.resolve().parent != store.resolve():
+        raise UserError(f"{mar} is not in the model store {store}: copy it there, or pass the store "
+                        f"the server serves with --model-store")
+    return path
+
+
+def register(client: TorchServe, mar: Path, workers: int | None, batch_size: int | None,
              max_batch_delay: int | None, log_dir: Path | None = None) -> tuple[str, str]:
     """Register an archive of the store and wait until its workers are READY; (name, version)."""
     name, version = read_manifest(mar)
@@ -54,7 +80,7 @@ def worker_reason(model_log: LogTail, name: str, version: str) -> str | None:
     return None
 
 
-def drain(client: Client, name: str, version: str, quiet_s: float, timeout_s: float,
+def drain(client: TorchServe, name: str, version: str, quiet_s: float, timeout_s: float,
           watch: BatchWatch | None) -> bool:
     """Wait until a version has had no queued request and no worker inside a batch for quiet_s
     seconds; False after timeout_s more. Without `watch` only the queue is seen."""
@@ -75,7 +101,7 @@ def drain(client: Client, name: str, version: str, quiet_s: float, timeout_s: fl
     return False
 
 
-def unregister(client: Client, name: str, version: str, quiet_s: float, timeout_s: float,
+def unregister(client: TorchServe, name: str, version: str, quiet_s: float, timeout_s: float,
                log_dir: Path | None = None) -> None:
     """Unregister a version once its queue is empty and its workers hold no batch: TorchServe never
     answers the requests of a removed version (docs/rollout.md)."""
@@ -124,7 +150,7 @@ def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[
     return images
 
 
-def classify_smoke(client: Client, name: str, version: str, images: list) -> list:
+def classify_smoke(client: TorchServe, name: str, version: str, images: list) -> list:
     """(relative path, predicted label or None, error or None) of every smoke image on NAME/VERSION."""
     def one(item: tuple[Path, str, str | None]) -> tuple[str, str | None, str | None]:
         path, rel, _ = item
@@ -151,7 +177,7 @@ def smoke_accuracy(images: list, results: list) -> float | None:
     return sum(t == p for t, (_, p, _) in zip(truth, results)) / len(truth)
 
 
-def smoke_test(client: Client, name: str, version: str, images: list, min_accuracy: float | None,
+def smoke_test(client: TorchServe, name: str, version: str, images: list, min_accuracy: float | None,
                baseline: tuple[str, float] | None = None, max_drop: float = 1.0) -> str:
     """Send every image to NAME/VERSION; Refused unless all succeed, accuracy >= min_accuracy and it
     is at most max_drop below the baseline (old version, its accuracy on the same images)."""
@@ -178,7 +204,7 @@ def smoke_test(client: Client, name: str, version: str, images: list, min_accura
     return summary
 
 
-def rollout(client: Client, args: argparse.Namespace) -> str:
+def rollout(client: TorchServe, args: argparse.Namespace) -> str:
     """Register, smoke-test, make default, retire the old default; undo the new version on failure."""
     images = list_smoke_images(args.smoke_dir, args.min_accuracy) if args.smoke_dir else []
     mar = locate_mar(args.mar, args.model_store)
@@ -216,12 +242,13 @@ def rollout(client: Client, args: argparse.Namespace) -> str:
                                  args.max_accuracy_drop)
         step = f"set-default {name} {version}"
         client.call("PUT", f"/models/{name}/{version}/set-default", step)
-    except (Refused, UserError, requests.RequestException, KeyboardInterrupt) as e:
+    except (Refused, UserError, ServerUnavailable, requests.RequestException, KeyboardInterrupt) as e:
         still = roll_back(client, name, version, old)
         if isinstance(e, KeyboardInterrupt):
             raise
-        reason = str(e) if isinstance(e, (Refused, UserError)) else f"{step}: {type(e).__name__}: {e}"
-        raise Refused(f"rollout of {name} {version} failed and was rolled back: {reason}; {still}") from None
+        reason = (str(e) if isinstance(e, (Refused, UserError, ServerUnavailable))
+                  else f"{step}: {type(e).__name__}: {e}")
+        raise RolledBack(f"rollout of {name} {version} failed and was rolled back: {reason}; {still}") from None
     say(f"rollout: {name} {version} is the default ({summary})")
     if old is None or args.keep_old:
         kept = f"; {name} {old} kept" if old else ""
@@ -235,7 +262,7 @@ def rollout(client: Client, args: argparse.Namespace) -> str:
     return f"rollout: {name} {old} -> {version}, {summary}; {name} {old} unregistered"
 
 
-def roll_back(client: Client, name: str, version: str, old: str | None) -> str:
+def roll_back(client: TorchServe, name: str, version: str, old: str | None) -> str:
     """Remove the new version (if it got registered) and say what serves now."""
     try:
         if any(v["modelVersion"] == version for v in client.versions(name)):
@@ -243,7 +270,7 @@ def roll_back(client: Client, name: str, version: str, old: str | None) -> str:
                 client.call("PUT", f"/models/{name}/{old}/set-default", f"set-default {name} {old}")
             client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
         default = client.default_version(name)
-    except (Refused, UserError, requests.RequestException) as e:
+    except (Refused, UserError, ServerUnavailable, requests.RequestException) as e:
         return f"the rollback itself failed ({e}): check with manage.py describe {name}"
     return f"{name} {default} is still the default" if default else f"{name} is not registered"
 

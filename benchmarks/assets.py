@@ -1,4 +1,4 @@
-"""What scripts/benchmark.py measures with: a model run, two image sets, captum, .mar files, servers.
+"""What the benchmark (scripts/benchmark.py) measures with: a model run, two image sets, captum, .mar files, servers.
 
 Everything is made under bench/ (git-ignored) and reused when it is already there, so a
 second `make bench` spends its time measuring. Nothing is downloaded except captum, which
@@ -9,28 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(ROOT))
+from handler.preprocessing import PreprocessConfig
 
-from handler.preprocessing import PreprocessConfig  # noqa: E402
-from scripts.local_server import free_port_env, read_pid, serve_env, short_tmpdir  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 ARCHIVER = ROOT / ".venv" / "bin" / "torch-model-archiver"
-SERVE = ROOT / "scripts" / "serve.sh"
 CAPTUM = "captum==0.9.0"  # imported by ts/torch_handler/vision_handler.py; pure Python
-HANDLER_FILES = ("classifier_handler.py", "preprocessing.py", "request_decoding.py", "batch_inference.py",
-                 "model-config.yaml")
 PHOTO_SOURCES = ("china.jpg", "flower.jpg")  # scikit-learn's bundled photos, 640x427
 PHOTO_NOISE = 4.0  # sensor-like grain (std, 0-255): a smooth upscale would compress far below a camera's
 
@@ -132,10 +124,10 @@ def ensure_captum(site: Path) -> Path:
     return site
 
 
-def archive_project(run_dir: Path, store: Path, name: str, version: str = "1.0") -> str:
+def archive_project(run_dir: Path, store: Path, name: str, version: str = "1.0", **env: str) -> str:
     """This project's .mar, made by scripts/archive.sh exactly as users make it."""
     subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(run_dir), name, version, "--force"],
-                   check=True, env={**os.environ, "MODEL_STORE": str(store)}, stdout=subprocess.DEVNULL)
+                   check=True, env={**os.environ, "MODEL_STORE": str(store), **env}, stdout=subprocess.DEVNULL)
     return f"{name}-{version}.mar"
 
 
@@ -151,18 +143,21 @@ def archive_stock(run_dir: Path, store: Path, name: str, version: str = "1.0") -
 
 
 def handler_files_at(revision: str, folder: Path) -> Path:
-    """The handler files as they were at a git revision (to measure a change against its parent)."""
+    """The handler folder as it was at a git revision (to measure a change against its parent)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in HANDLER_FILES:
-        data = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:handler/{name}"],
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", revision, "handler/"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    for name in names:
+        data = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{name}"],
                               check=True, capture_output=True).stdout
-        (folder / name).write_bytes(data)
+        (folder / Path(name).name).write_bytes(data)
+    (folder / "__init__.py").touch()  # older revisions had none
     return folder
 
 
 def archive_variant(run_dir: Path, store: Path, name: str, handler_dir: Path,
                     model_config: dict[str, object]) -> str:
-    """A .mar like archive.sh's from `handler_dir`, with model-config.yaml keys overridden."""
+    """scripts/archive.sh from `handler_dir`, with model-config.yaml keys overridden."""
     import yaml
 
     config = yaml.safe_load((handler_dir / "model-config.yaml").read_text()) or {}
@@ -171,71 +166,5 @@ def archive_variant(run_dir: Path, store: Path, name: str, handler_dir: Path,
         (config.setdefault(section, {}) if section else config)[leaf] = value
     with tempfile.TemporaryDirectory(dir=store) as work:
         (Path(work) / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        extra = [str(handler_dir / f) for f in HANDLER_FILES[1:4]]
-        extra += [str(run_dir / "index_to_name.json"), str(run_dir / "preprocess.json")]
-        subprocess.run([str(ARCHIVER), "--model-name", name, "--version", "1.0",
-                        "--serialized-file", str(run_dir / "model.pt"),
-                        "--handler", str(handler_dir / HANDLER_FILES[0]), "--extra-files", ",".join(extra),
-                        "--config-file", str(Path(work) / "model-config.yaml"), "--export-path", work],
-                       check=True)
-        os.replace(Path(work) / f"{name}.mar", store / f"{name}-1.0.mar")
-    return f"{name}-1.0.mar"
-
-
-class Server:
-    """A TorchServe started by scripts/serve.sh on free loopback ports with its own logs and TMPDIR."""
-
-    def __init__(self, base: Path, store: Path, mars: list[str], env: dict[str, str] | None = None,
-                 config: Path | None = None):
-        self.base, self.store, self.mars = base, store, mars
-        self.ports = free_port_env()
-        self.extra_env, self.config = dict(env or {}), config
-        self.tmpdir = short_tmpdir(base / "logs" / "tmp", prefix="tsb-")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['TS_INFERENCE_PORT']}"
-
-    @property
-    def management_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['TS_MANAGEMENT_PORT']}"
-
-    @property
-    def key_file(self) -> Path:
-        return self.base / "keys" / "key_file.json"
-
-    def _env(self) -> dict[str, str]:
-        extra = {"TS_CONFIG": str(self.config)} if self.config else {}
-        return serve_env(self.ports, self.store, self.base / "logs", self.key_file.parent, self.tmpdir, 180,
-                         **extra, **self.extra_env)
-
-    def _serve(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SERVE), *args], env=self._env(), capture_output=True, text=True,
-                              timeout=240)
-
-    def start(self) -> None:
-        """serve.sh start; raises with serve.sh's explanation when it fails."""
-        self.key_file.parent.mkdir(parents=True, exist_ok=True)
-        result = self._serve("start", *self.mars)
-        if result.returncode != 0:
-            raise RuntimeError(f"serve.sh start {' '.join(self.mars)} failed:\n"
-                               f"{result.stdout}{result.stderr}")
-
-    def pid(self) -> int | None:
-        return read_pid(self.base / "logs")
-
-    def stop(self) -> None:
-        """serve.sh stop (by the pid it recorded); SIGKILL that pid if the stop fails."""
-        pid = self.pid()
-        try:
-            result = self._serve("stop")
-            failed = result.returncode != 0
-        except subprocess.TimeoutExpired:
-            failed = True
-        if failed and pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.base not in self.tmpdir.parents:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        return archive_project(run_dir, store, name, HANDLER_DIR=str(handler_dir),
+                               MODEL_CONFIG=str(Path(work) / "model-config.yaml"))

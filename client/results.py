@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from scripts.walk import true_label_of
+from client.walk import true_label_of
 
 FIELDS = ("path", "status", "label", "probability", "topk", "error", "http_status", "model",
           "model_version", "latency_ms")
@@ -135,10 +135,15 @@ class Stats:
 
     def percentile(self, q: float) -> float:
         """The q-th percentile of this run's latencies (nearest rank), 0 when none."""
-        if not self.latencies:
-            return 0.0
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+        return percentile(self.latencies, q)
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile of `values` (nearest rank), 0 when there are none."""
+    if not len(values):
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 def report_class_metrics(stats: Stats, png: Path) -> str:

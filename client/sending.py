@@ -1,5 +1,5 @@
-"""Sending files to TorchServe for classify_dir.py: the server and model checks before a run,
-one POST per file with retries and key renewal, and the version each answer came from.
+"""The directory classifier's sending side: the server and model checks before a run, one POST
+per file with retries and key renewal, and the version each answer came from.
 """
 from __future__ import annotations
 
@@ -12,20 +12,16 @@ from pathlib import Path
 
 import requests
 
-from scripts import tsclient
-from scripts.results import error_row, ok_row
-from scripts.walk import DEFAULT_MAX_BYTES, Refused, read_image
-from training.errors import UserError
+from client.errors import Refused, ServerUnavailable, UserError
+from client.results import error_row, ok_row
+from client.torchserve import TorchServe, error_message, is_auth_error, new_session, ping
+from client.walk import DEFAULT_MAX_BYTES, NotSent, read_image
 
 logger = logging.getLogger("classify_dir")
 TRANSIENT_STATUSES = (502, 503, 504, 507)  # busy, queue full, out of memory: worth another try
 MAX_BACKOFF_S = 8.0
 KEY_REFRESHES = 3  # per file: a rotated key is renewed, a wrong one is not renewed forever
 VERSION_RETRY_S = 5.0  # after a failed default-version lookup, reuse the last answer this long
-
-
-class Fatal(UserError):
-    """The run cannot go on (server unreachable, key refused): exit code 2."""
 
 
 class VersionTracker:
@@ -38,12 +34,11 @@ class VersionTracker:
     threads, so it costs about one per batch of answers.
     """
 
-    def __init__(self, management_url: str, keys: tsclient.Keys, model: str, pinned: str | None):
-        self.management_url, self.keys, self.model, self.pinned = management_url, keys, model, pinned
+    def __init__(self, server: TorchServe, model: str, pinned: str | None):
+        self.server, self.model, self.pinned = server, model, pinned
         self._lock = threading.Lock()
         self._value: str | None = pinned
         self._looked_at = float("-inf")  # when the last lookup was sent (time.monotonic)
-        self._session = tsclient.new_session(1)
 
     def version_for(self, sent_at: float) -> str | None:
         """The version for a request sent at `sent_at` (time.monotonic)."""
@@ -53,10 +48,9 @@ class VersionTracker:
             if self._looked_at < sent_at:
                 looked_at = time.monotonic()
                 try:
-                    self._value = tsclient.default_version(self.management_url, self.keys, self.model,
-                                                           self._session)
+                    self._value = self.server.default_version(self.model)
                     self._looked_at = looked_at
-                except (requests.RequestException, ValueError, tsclient.KeyRejected) as e:
+                except (ServerUnavailable, Refused, ValueError, LookupError) as e:
                     logger.debug("default version unknown: %s", e)
                     self._looked_at = looked_at + VERSION_RETRY_S  # do not ask once per answer
             return self._value
@@ -65,18 +59,18 @@ class VersionTracker:
 class Classifier:
     """Sends one file, with retries and key renewal; thread-safe, one keep-alive session per thread."""
 
-    def __init__(self, url: str, model: str, version: str | None, keys: tsclient.Keys,
-                 versions: VersionTracker, *, topk: int, retries: int, timeout: float,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
-        self.endpoint = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
-        self.model, self.version, self.keys, self.versions = model, version, keys, versions
+    def __init__(self, server: TorchServe, model: str, version: str | None, versions: VersionTracker, *,
+                 topk: int, retries: int, timeout: float, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.endpoint = f"{server.url}/predictions/{model}" + (f"/{version}" if version else "")
+        self.server, self.keys = server, server.keys
+        self.model, self.version, self.versions = model, version, versions
         self.topk, self.retries, self.timeout, self.max_bytes = topk, retries, timeout, max_bytes
         self.abort = threading.Event()
         self._local = threading.local()
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
-            self._local.session = tsclient.new_session(pool_size=2)
+            self._local.session = new_session(pool_size=2)
         return self._local.session
 
     def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
@@ -84,7 +78,7 @@ class Classifier:
         row = {"path": rel, "model": self.model}
         try:
             data = read_image(path, self.max_bytes)
-        except Refused as e:
+        except NotSent as e:
             return error_row(row, str(e), None), e.reason
         attempt, refreshes = 0, 0
         while not self.abort.is_set():
@@ -101,15 +95,15 @@ class Classifier:
             except requests.ConnectionError:
                 response, transient, reason = None, True, "connection"
             row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            if response is not None and tsclient.is_auth_error(response):
+            if response is not None and is_auth_error(response):
                 refreshes += 1
                 if refreshes <= KEY_REFRESHES and self.keys.refresh("inference", key):
                     continue
-                raise Fatal(f"the server refused the inference key from {self.keys.key_file} and no "
+                raise ServerUnavailable(f"the server refused the inference key from {self.keys.key_file} and no "
                             f"fresh key could be read or requested; pass the right file with --token-file")
             if response is not None and response.status_code == 404 and _is_unknown_model(response):
-                message = tsclient.error_message(response) or f"HTTP {response.status_code}"
-                raise Fatal(f"{self.endpoint}: {message}")
+                message = error_message(response) or f"HTTP {response.status_code}"
+                raise ServerUnavailable(f"{self.endpoint}: {message}")
             if response is not None and response.status_code == 503 and attempt >= self.retries:
                 self._stop_without_workers()
             if transient and attempt < self.retries:
@@ -118,7 +112,7 @@ class Classifier:
                 continue
             if response is None:
                 if reason == "connection":
-                    raise Fatal(f"server unreachable at {self.endpoint} after {self.retries} retries")
+                    raise ServerUnavailable(f"server unreachable at {self.endpoint} after {self.retries} retries")
                 return error_row(row, f"no answer within {self.timeout:g}s "
                                       f"(tried {attempt + 1} times)", None), reason
             row["model_version"] = (response.headers.get("X-Model-Version")
@@ -128,40 +122,36 @@ class Classifier:
                     return ok_row(row, response.json(), self.topk), None
                 except (ValueError, KeyError, IndexError, TypeError):
                     return error_row(row, f"unexpected answer: {response.text[:200]}", 200), "bad answer"
-            message = tsclient.error_message(response) or f"HTTP {response.status_code}"
+            message = error_message(response) or f"HTTP {response.status_code}"
             return error_row(row, message, response.status_code), reason
         return None
 
 
     def _stop_without_workers(self) -> None:
-        """After a last 503: Fatal when no worker of the version is READY (every answer would be 503)."""
-        found = version_workers(self.versions.management_url, self.keys, self.model, self.version)
+        """After a last 503: ServerUnavailable when no worker of the version is READY (all would be 503)."""
+        found = version_workers(self.server, self.model, self.version)
         if found is not None and not any(w.get("status") == "READY" for w in found[1]):
-            raise Fatal(f"model '{self.model}' version {found[0]} has no READY worker and answers 503; "
-                        f"add one: scripts/manage.py scale {self.model} {found[0]} --min 1")
+            raise ServerUnavailable(f"model '{self.model}' version {found[0]} has no READY worker and "
+                                    f"answers 503; add one: scripts/manage.py scale {self.model} "
+                                    f"{found[0]} --min 1")
 
 
-def version_workers(management_url: str, keys: tsclient.Keys, model: str,
-                    version: str | None) -> tuple[str, list[dict]] | None:
+def version_workers(server: TorchServe, model: str, version: str | None) -> tuple[str, list[dict]] | None:
     """(version, its workers) for `version` (None: the default) from the management API; None if unknown."""
-    url = f"{management_url}/models/{model}" + (f"/{version}" if version else "")
     try:
-        response = tsclient.request_with_key(tsclient.new_session(1), "GET", url, keys, "management",
-                                             timeout=10)
-        response.raise_for_status()
-        description = response.json()[0]
+        description = server.describe(model, version)[0]
         return str(description["modelVersion"]), list(description.get("workers") or [])
-    except (requests.RequestException, tsclient.KeyRejected, ValueError, LookupError, TypeError) as e:
+    except (ServerUnavailable, Refused, ValueError, LookupError, TypeError) as e:
         logger.debug("workers of %s unknown: %s", model, e)
         return None
 
 
-def check_workers(management_url: str, keys: tsclient.Keys, model: str, version: str | None) -> None:
-    """Before a run: Fatal when the version has no worker at all, so nothing could answer."""
-    found = version_workers(management_url, keys, model, version)
+def check_workers(server: TorchServe, model: str, version: str | None) -> None:
+    """Before a run: ServerUnavailable when the version has no worker at all, so nothing could answer."""
+    found = version_workers(server, model, version)
     if found is not None and not found[1]:
-        raise Fatal(f"model '{model}' version {found[0]} has no worker, so every request would get 503; "
-                    f"add one: scripts/manage.py scale {model} {found[0]} --min 1")
+        raise ServerUnavailable(f"model '{model}' version {found[0]} has no worker, so every request "
+                                f"would get 503; add one: scripts/manage.py scale {model} {found[0]} --min 1")
 
 
 def _is_unknown_model(response: requests.Response) -> bool:
@@ -171,42 +161,42 @@ def _is_unknown_model(response: requests.Response) -> bool:
         return False
 
 
-def resolve_model(args: argparse.Namespace, management_url: str, keys: tsclient.Keys) -> str:
+def resolve_model(args: argparse.Namespace, server: TorchServe) -> str:
     """Check the model (and version) is registered; with no --model, take the only one there is."""
     try:
         if args.model is None:
-            names = tsclient.list_models(management_url, keys)
+            names = server.model_names()
             if len(names) != 1:
                 raise UserError(f"pass --model: the server has {len(names)} models "
                                 f"({', '.join(names) or 'none'})")
             return names[0]
-        versions = [v["modelVersion"] for v in tsclient.describe(management_url, keys, args.model)]
-    except (requests.RequestException, tsclient.KeyRejected, ValueError) as e:
+        versions = [v["modelVersion"] for v in server.versions(args.model)]
+    except (ServerUnavailable, Refused, ValueError) as e:
         if args.model is None:
-            raise UserError(f"pass --model: cannot list the models at {management_url} ({e})") from None
+            raise UserError(f"pass --model: cannot list the models at {server.management_url} ({e})") from None
         logger.warning("cannot check model %s with the management API (%s); going on", args.model, e)
         return args.model
     if not versions:
-        raise UserError(f"model '{args.model}' is not registered on {management_url}")
+        raise UserError(f"model '{args.model}' is not registered on {server.management_url}")
     if args.version and args.version not in versions:
         raise UserError(f"model '{args.model}' has no version '{args.version}' "
                         f"(registered: {', '.join(versions)})")
     return args.model
 
 
-def wait_for_server(url: str, keys: tsclient.Keys, retries: int) -> None:
-    """Check /ping, retrying with backoff; Fatal when it never answers or refuses the key."""
-    why = None
+def wait_for_server(server: TorchServe, retries: int) -> None:
+    """Check /ping, retrying with backoff; ServerUnavailable when it never answers or refuses the key."""
+    url, keys, why = server.url, server.keys, None
     for attempt in range(retries + 1):
-        why = tsclient.ping(url, keys)
+        why = ping(url, keys)
         if why is None:
             return
         if "InvalidKeyException" in why:
             if not keys.key_file.exists():
-                raise Fatal(f"the server at {url} wants a key and there is no {keys.key_file}; "
-                            f"pass the server's key_file.json with --token-file")
-            raise Fatal(f"the server at {url} refused the inference key from {keys.key_file}; "
-                        f"pass the server's key_file.json with --token-file")
+                raise ServerUnavailable(f"the server at {url} wants a key and there is no {keys.key_file}; "
+                                        f"pass the server's key_file.json with --token-file")
+            raise ServerUnavailable(f"the server at {url} refused the inference key from {keys.key_file}; "
+                                    f"pass the server's key_file.json with --token-file")
         if attempt < retries:
             time.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt))
-    raise Fatal(f"server unreachable: {why}")
+    raise ServerUnavailable(f"server unreachable: {why}")

@@ -1,0 +1,446 @@
+"""Throughput of the served path beside the in-process limit and TorchServe's stock handler.
+
+One run, one model.pt (resnet18 at 224x224, random fixed-seed weights), two image sets
+(small digit PNGs, 12 MP camera-size JPEGs), three measurements per set, each a median
+of --runs runs taken in interleaved rounds so that drift on a shared machine hits all three:
+  limit   decode + preprocess + batched inference in this process (handler/preprocessing.py,
+          handler/batch_inference.py), at the best of --batch-sizes;
+  served  scripts/classify_dir.py against TorchServe with this project's .mar (scripts/archive.sh);
+  stock   TorchServe's stock image_classifier handler on the same model.pt, one request at a time.
+
+    .venv/bin/python scripts/benchmark.py          # `make bench`: table, docs/benchmark.md and .png
+    .venv/bin/python scripts/benchmark.py --tune "workers=2,threads=1" "batch=16"   # served variants
+
+--tune measures the served path as it is now beside variants (model-config keys, client
+concurrency, server settings or the handler at another git revision) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import subprocess
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+from benchmarks import assets
+from benchmarks.report import (
+    SET_TITLES,
+    format_cpu_table,
+    format_table,
+    format_targets,
+    load_average,
+    machine_description,
+    served_settings,
+    write_chart,
+    write_markdown,
+)
+from client.local_server import LocalServer
+from client.results import percentile
+from client.torchserve import Keys, new_session
+from handler import batch_inference, preprocessing, request_decoding
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORK = ROOT / "bench"  # git-ignored: run folder, images, captum, model store, server logs
+WARMUP_PASSES = 2  # untimed passes over a set before the served runs
+DISTURBED_SPREAD = 1.3  # fastest / slowest run of one path above this: other work shared the cores
+SPEC_KEYS = {"batch": "batchSize", "delay": "maxBatchDelay", "threads": "handler.cpu_threads"}
+SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
+                     r"latency ms p50 ([\d.]+) p95 ([\d.]+)")
+
+
+@dataclass
+class Result:
+    images_s: float
+    p50_ms: float
+    p95_ms: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU time per image, by process
+
+
+class CpuMeter:
+    """CPU seconds of this process, its finished children (the client) and a server's processes."""
+
+    def __init__(self, server: LocalServer | None = None):
+        self.frontend = psutil.Process(server.pid()) if server else None
+        self.workers = self.frontend.children(recursive=True) if self.frontend else []
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        def used(times) -> float:
+            return times.user + times.system
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reading = {"this process": time.process_time(), "client": children.ru_utime + children.ru_stime}
+        if self.frontend:
+            reading["frontend (Java)"] = used(self.frontend.cpu_times())
+            reading["workers"] = sum(used(w.cpu_times()) for w in self.workers if w.is_running())
+        return reading
+
+    def per_image(self, images: int, parts: tuple[str, ...]) -> dict[str, float]:
+        """ms of CPU per image since construction, for the named parts."""
+        end = self._read()
+        return {part: (end[part] - self.start[part]) * 1000 / images for part in parts}
+
+
+def median_result(results: list[Result]) -> Result:
+    """Each figure the median of the runs' figures."""
+    figures = (statistics.median(getattr(r, f) for r in results) for f in ("images_s", "p50_ms", "p95_ms"))
+    cpu = {part: statistics.median(r.cpu_ms[part] for r in results) for part in results[0].cpu_ms}
+    return Result(*figures, cpu)
+
+
+def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.PreprocessConfig,
+                  labels: list[str], batch_size: int, pool: Executor | None) -> Result:
+    """The handler's own steps in this process, batch by batch: read, decode (in `pool`), forward, top-k.
+
+    An image's latency is its batch's.
+    """
+    latencies: list[float] = []
+    device = torch.device("cpu")
+
+    def predict(tensors: list[torch.Tensor]) -> list[list[dict]]:
+        return batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, False), 5, labels)
+
+    meter = CpuMeter()
+    started = time.perf_counter()
+    for i in range(0, len(files), batch_size):
+        batch_started = time.perf_counter()
+        rows = [{"body": path.read_bytes()} for path in files[i:i + batch_size]]
+        items = request_decoding.decode_batch(rows, cfg, preprocessing.DEFAULT_MAX_PIXELS, pool)
+        answers = batch_inference.answer_batch(items, predict)
+        if not all(isinstance(a, list) for a in answers):
+            raise RuntimeError(f"limit: an image of {[p.name for p in files[i:i + batch_size]]} failed")
+        latencies += [(time.perf_counter() - batch_started) * 1000] * len(rows)
+    elapsed = time.perf_counter() - started
+    return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95),
+                  meter.per_image(len(files), ("this process",)))
+
+
+def limit_pool() -> Executor | None:
+    """The decode threads a one-worker handler on this machine gets: one per core (cpu_threads auto)."""
+    threads = batch_inference.count_cpu_threads("auto", 1)
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+
+
+def measure_served(server: LocalServer, model: str, folder: Path, count: int, output: Path,
+                   concurrency: int | None) -> Result:
+    """scripts/classify_dir.py over the folder; its own summary line gives the figures."""
+    command = [str(assets.PYTHON), str(ROOT / "scripts" / "classify_dir.py"), str(folder), "--model", model,
+               "--url", server.inference_url, "--token-file", str(server.key_file), "--output", str(output)]
+    if concurrency:
+        command += ["--concurrency", str(concurrency)]
+    meter = CpuMeter(server)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    cpu = meter.per_image(count, ("client", "frontend (Java)", "workers"))
+    match = SUMMARY.search(result.stdout)
+    if result.returncode != 0 or not match or int(match[1]) != count:
+        raise RuntimeError(f"classify_dir.py failed (exit {result.returncode}):\n"
+                           f"{result.stdout}{result.stderr}")
+    return Result(float(match[3]), float(match[5]), float(match[6]), cpu)
+
+
+def measure_stock(server: LocalServer, model: str, files: list[Path]) -> Result:
+    """One request at a time, the body the file's bytes (TorchServe's `curl ... -T file`), keep-alive."""
+    session = new_session(1)
+    headers = Keys(server.key_file, server.management_url).headers("inference")
+    url = f"{server.inference_url}/predictions/{model}"
+    latencies: list[float] = []
+    meter = CpuMeter(server)
+    started = time.perf_counter()
+    for path in files:
+        data = path.read_bytes()
+        sent = time.perf_counter()
+        response = session.post(url, data=data, headers=headers, timeout=120)
+        latencies.append((time.perf_counter() - sent) * 1000)
+        if response.status_code != 200:
+            raise RuntimeError(f"stock handler answered {response.status_code} for {path.name}: "
+                               f"{response.text[:300]}")
+    elapsed = time.perf_counter() - started
+    cpu = meter.per_image(len(files), ("this process", "frontend (Java)", "workers"))
+    cpu["client"] = cpu.pop("this process")
+    return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95), cpu)
+
+
+def parse_spec(spec: str) -> dict:
+    """'name=x,batch=16,delay=5,workers=2,threads=1,concurrency=32,handler=REV,cfg.K=V,ts.K=V,env.K=V'."""
+    variant: dict = {"name": spec or "as is", "model_config": {}, "ts": {}, "env": {}, "concurrency": None,
+                     "handler": None}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --tune {spec!r}: '{item}' is not KEY=VALUE")
+        value = yaml.safe_load(raw)
+        if key in ("name", "handler"):
+            variant[key] = raw
+        elif key == "concurrency":
+            variant["concurrency"] = int(value)
+        elif key == "workers":
+            variant["model_config"].update(minWorkers=int(value), maxWorkers=int(value))
+        elif key in SPEC_KEYS or key.startswith("cfg."):
+            variant["model_config"][SPEC_KEYS.get(key, key[4:])] = value
+        elif key.startswith(("ts.", "env.")):
+            variant[key.split(".", 1)[0]][key.split(".", 1)[1]] = raw
+        else:
+            raise SystemExit(f"error: --tune {spec!r}: unknown key '{key}'")
+    return variant
+
+
+def start_variant(index: int, variant: dict, run_dir: Path, store: Path) -> LocalServer:
+    """A server for one --tune variant: its own .mar (model 'bench'), config and environment."""
+    base = WORK / "servers" / f"tune{index}"
+    name = f"tune{index}"
+    if variant["handler"] or variant["model_config"]:
+        handler_dir = Path(variant["handler"] or ROOT / "handler")
+        if variant["handler"] and not handler_dir.is_dir():  # a git revision
+            handler_dir = assets.handler_files_at(variant["handler"], base / "handler")
+        mar = assets.archive_variant(run_dir, store, name, handler_dir, variant["model_config"])
+    else:
+        mar = assets.archive_project(run_dir, store, name)
+    config = None
+    if variant["ts"]:
+        base.mkdir(parents=True, exist_ok=True)
+        config = base / "config.properties"
+        config.write_text((ROOT / "config.properties").read_text()
+                          + "".join(f"{k}={v}\n" for k, v in variant["ts"].items()))
+    server = LocalServer(base, store, [mar], config=config, extra_env=variant["env"] or {}, start_timeout=180)
+    server.start()
+    return server
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18", help="torchvision model (random fixed-seed weights)")
+    parser.add_argument("--image-size", type=int, default=224, help="model input size, square")
+    parser.add_argument("--pngs", type=int, default=128, help="images in the PNG set (digits)")
+    parser.add_argument("--photos", type=int, default=48, help="images in the photo set")
+    parser.add_argument("--photo-size", default="4032x3024", help="WxH of the photos (12.2 MP)")
+    parser.add_argument("--sets", default="png,photo", help="comma-separated sets to measure")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported")
+    parser.add_argument("--batch-sizes", default="1,4,8,16,32", help="batch sizes tried for the limit")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="classify_dir.py --concurrency (default: classify_dir.py's own default)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock handler")
+    parser.add_argument("--tune", nargs="+", metavar="SPEC", default=None,
+                        help="measure served variants beside the current one, e.g. 'workers=2,threads=1' "
+                             "(keys: name batch delay workers threads concurrency handler=REV|DIR "
+                             "cfg.KEY ts.KEY env.NAME); prints a table, writes no docs")
+    parser.add_argument("--limit-batch-size", type=int, default=16, help="--tune: the limit's batch size")
+    parser.add_argument("--markdown", default=str(ROOT / "docs" / "benchmark.md"), help="Markdown to update")
+    parser.add_argument("--chart", default=str(ROOT / "docs" / "benchmark.png"), help="bar chart to write")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the photo crops")
+    return parser
+
+
+@dataclass
+class Bench:
+    """What every measurement of one run shares: the model, its preprocessing, the limit's threads."""
+
+    model: torch.nn.Module
+    cfg: preprocessing.PreprocessConfig
+    labels: list[str]
+    pool: Executor | None
+    out: Path  # classify_dir.py's result files
+
+    def limit(self, files: list[Path], batch_size: int) -> Result:
+        return measure_limit(files, self.model, self.cfg, self.labels, batch_size, self.pool)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]], Path, Bench]:
+    """The run folder, the image sets, the model store and the in-process model."""
+    run_dir = assets.make_run(WORK / "run", args.arch, args.image_size, 10, args.seed)
+    width, height = (int(v) for v in args.photo_size.lower().split("x"))
+    sets = {}
+    for name in args.sets.split(","):
+        if name == "png":
+            sets[name] = assets.make_png_set(WORK / "images" / "png", args.pngs)
+        elif name == "photo":
+            sets[name] = assets.make_photo_set(WORK / "images" / "photo", args.photos, (width, height),
+                                               args.seed)
+        else:
+            raise SystemExit(f"error: --sets: unknown set '{name}' (png, photo)")
+    store = WORK / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    (WORK / "out").mkdir(parents=True, exist_ok=True)
+    bench = Bench(batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), half=False),
+                  preprocessing.PreprocessConfig.load(run_dir / "preprocess.json"),
+                  batch_inference.load_labels(run_dir / "index_to_name.json"), limit_pool(), WORK / "out")
+    return run_dir, sets, store, bench
+
+
+def start_servers(run_dir: Path, store: Path, stock: bool) -> dict[str, LocalServer]:
+    """The served and (unless `stock` is false) the stock server; stopped by the caller."""
+    servers = {"served": LocalServer(WORK / "servers" / "served", store,
+                                     [assets.archive_project(run_dir, store, "bench")], start_timeout=180)}
+    if stock:
+        site = assets.ensure_captum(WORK / "site")
+        servers["stock"] = LocalServer(WORK / "servers" / "stock", store,
+                                       [assets.archive_stock(run_dir, store, "stock")], start_timeout=180,
+                                       extra_env={"PYTHONPATH": str(site)})  # captum for the stock workers only
+    return servers
+
+
+def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], bench: Bench,
+                args: argparse.Namespace) -> tuple[list[dict], dict[int, float], str | None]:
+    """Limit sweep, warm-up, then interleaved rounds of limit, served and stock: rows, sweep, warning."""
+    folder, count = files[0].parent, len(files)
+    sizes = [b for b in (int(v) for v in args.batch_sizes.split(",")) if b <= count]
+    bench.limit(files[:sizes[-1]], sizes[-1])  # warm-up
+    sweep = {b: median_result([bench.limit(files, b) for _ in range(args.runs)]).images_s for b in sizes}
+    best = max(sweep, key=sweep.get)
+    print(f"{name}: limit by batch size (images/s): "
+          + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f"; best {best}", flush=True)
+    # Untimed warm-up: the frontend's JIT needs a few hundred requests of a size to settle
+    # (docs/benchmark.md: its CPU per 12 MP request falls by about 3x), and the first batches are slow.
+    for _ in range(WARMUP_PASSES):
+        measure_served(servers["served"], "bench", folder, count, bench.out / "warmup.jsonl",
+                       args.concurrency)
+    if "stock" in servers:
+        measure_stock(servers["stock"], "stock", files)
+    runs: dict[str, list[Result]] = {"limit": [], "served": [], "stock": []}
+    for i in range(args.runs):
+        runs["limit"].append(bench.limit(files, best))
+        runs["served"].append(measure_served(servers["served"], "bench", folder, count,
+                                             bench.out / f"served-{name}-{i}.jsonl", args.concurrency))
+        if "stock" in servers:
+            runs["stock"].append(measure_stock(servers["stock"], "stock", files))
+        done = ", ".join(f"{p} {r[-1].images_s:.1f}/s" for p, r in runs.items() if r)
+        print(f"{name} round {i + 1}: {done}; load {load_average()}", flush=True)
+    runs = {p: r for p, r in runs.items() if r}
+    medians = {p: median_result(r) for p, r in runs.items()}
+    spread = max(max(x.images_s for x in r) / min(x.images_s for x in r) for r in runs.values())
+    warning = None
+    if spread > DISTURBED_SPREAD:
+        warning = (f"{SET_TITLES[name]}: runs of one path differ up to {spread:.2f}x (load average "
+                   f"{load_average()}): the machine was busy; rerun for clean figures")
+        print(f"warning: {warning}", flush=True)
+    labels = {"limit": f"limit (in-process, batch {best})", "served": "served (this project)",
+              "stock": "stock image_classifier"}
+    rows = []
+    for path, result in medians.items():
+        row = {"set": name, "images": count, "path": path, "label": labels[path], **asdict(result)}
+        if path == "served":
+            row["served_limit"] = result.images_s / medians["limit"].images_s
+            row["served_stock"] = result.images_s / medians["stock"].images_s if "stock" in medians else None
+        rows.append(row)
+    return rows, sweep, warning
+
+
+def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[int, float]],
+           warnings: list[str], elapsed: float) -> None:
+    """Print the tables, update the Markdown's generated block, draw the chart, keep the JSON."""
+    table, cpu_table, machine = format_table(rows), format_cpu_table(rows), machine_description()
+    print(f"\n{table}\n\n{cpu_table}\n")
+    (WORK / "results").mkdir(exist_ok=True)
+    (WORK / "results" / "latest.json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "sweeps": sweeps}, indent=2))
+    sweep_text = "; ".join(f"{SET_TITLES[s]}: " + ", ".join(f"{b}: {v:.1f}" for b, v in sw.items())
+                           for s, sw in sweeps.items())
+    warning_lines = [f"**Warning**: {w}.  " for w in warnings] + [""] if warnings else []
+    block = [f"## Results (`make bench`, {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.1f} min)", "",
+             f"Machine: {machine}; load average at the end {load_average()}.  ",
+             f"Model: {args.arch} at {args.image_size}x{args.image_size}, 10 classes, random fixed-seed "
+             f"weights, one model.pt for all three paths.  ",
+             f"Served: {served_settings()}; classify_dir.py --concurrency "
+             f"{args.concurrency or 'default (16)'}.  ",
+             "Stock: image_classifier handler, batch size 1, config.properties' default workers, "
+             "one request at a time (keep-alive).  ",
+             f"Each figure is the median of {args.runs} runs taken in interleaved rounds.", "", table, "",
+             format_targets(rows), "", *warning_lines,
+             "CPU time per image (median of the same runs; the limit's is all in the client column, "
+             "this process; the served client's includes classify_dir.py's start, about 0.3 s a run):", "",
+             cpu_table, "", f"Limit by batch size (images/s): {sweep_text}", "",
+             f"![images/s per path]({Path(args.chart).name})"]
+    write_markdown(Path(args.markdown), "\n".join(block))
+    write_chart(rows, Path(args.chart), f"{args.arch} {args.image_size}px, {machine.split(' (')[0]}")
+    served = [r for r in rows if r["path"] == "served"]
+    print("benchmark: " + "; ".join(
+        f"{r['set']} served {r['images_s']:.1f}/s = {r['served_limit']:.2f}x limit"
+        + (f", {r['served_stock']:.2f}x stock" if r.get("served_stock") else "") for r in served)
+        + f"; {args.markdown}, {args.chart}; {elapsed / 60:.1f} min")
+
+
+def main(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    print(f"benchmark: {machine_description()}; load average {load_average()}", flush=True)
+    run_dir, sets, store, bench = prepare(args)
+    if args.tune:
+        return tune(args, run_dir, sets, store, bench, started)
+    rows, sweeps, warnings = [], {}, []
+    servers: dict[str, LocalServer] = {}
+    try:
+        servers = start_servers(run_dir, store, stock=not args.no_stock)
+        for server in servers.values():
+            server.start()
+        print(f"benchmark: servers ready after {time.perf_counter() - started:.0f}s", flush=True)
+        for name, files in sets.items():
+            set_rows, sweeps[name], warning = measure_set(name, files, servers, bench, args)
+            rows += set_rows
+            warnings += [warning] if warning else []
+    finally:
+        for server in servers.values():
+            server.close()
+    report(args, rows, sweeps, warnings, time.perf_counter() - started)
+
+
+def tune(args: argparse.Namespace, run_dir: Path, sets: dict[str, list[Path]], store: Path, bench: Bench,
+         started: float) -> None:
+    """Served as it is now and each variant, interleaved round by round; prints the table."""
+    variants = [parse_spec("")] + [parse_spec(spec) for spec in args.tune]
+    servers: list[LocalServer] = []
+    lines = ["| set | variant | images/s | p50 ms | p95 ms | vs as is | vs limit | CPU ms/image client, "
+             "Java, workers |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    try:
+        for i, variant in enumerate(variants):
+            servers.append(start_variant(i, variant, run_dir, store))
+        print(f"tune: {len(servers)} servers ready after {time.perf_counter() - started:.0f}s", flush=True)
+        for name, files in sets.items():
+            folder = files[0].parent
+            for i, (server, variant) in enumerate(zip(servers, variants, strict=True)):  # warm-up
+                for _ in range(WARMUP_PASSES):
+                    measure_served(server, f"tune{i}", folder, len(files), bench.out / "warmup.jsonl",
+                                   variant["concurrency"])
+            runs: list[list[Result]] = [[] for _ in variants]
+            limit: list[Result] = []
+            for r in range(args.runs):
+                limit.append(bench.limit(files, args.limit_batch_size))
+                for i, (server, variant) in enumerate(zip(servers, variants, strict=True)):
+                    output = bench.out / f"tune-{name}-{i}.jsonl"
+                    runs[i].append(measure_served(server, f"tune{i}", folder, len(files), output,
+                                                  variant["concurrency"]))
+                done = ", ".join(f"{v['name']} {x[-1].images_s:.1f}/s"
+                                 for v, x in zip(variants, runs, strict=True))
+                print(f"{name} round {r + 1}: limit {limit[-1].images_s:.1f}/s, {done}; "
+                      f"load {load_average()}", flush=True)
+            base, lim = median_result(runs[0]), median_result(limit)
+            lines.append(f"| {name} | limit (batch {args.limit_batch_size}) | {lim.images_s:.1f} | "
+                         f"{lim.p50_ms:.0f} | {lim.p95_ms:.0f} | | | "
+                         f"{lim.cpu_ms['this process']:.1f} (in-process) |")
+            for variant, results in zip(variants, runs, strict=True):
+                m = median_result(results)
+                cpu = ", ".join(f"{v:.1f}" for v in m.cpu_ms.values())
+                lines.append(f"| {name} | {variant['name']} | {m.images_s:.1f} | {m.p50_ms:.0f} | "
+                             f"{m.p95_ms:.0f} | {m.images_s / base.images_s:.2f}x | "
+                             f"{m.images_s / lim.images_s:.2f}x | {cpu} |")
+    finally:
+        for server in servers:
+            server.close()
+    print("\n" + "\n".join(lines))
+    print(f"tune: {len(variants)} variants x {args.runs} runs; {machine_description()}; "
+          f"{(time.perf_counter() - started) / 60:.1f} min")
+
+
+def cli() -> None:
+    """The benchmark command (scripts/benchmark.py, `make bench`)."""
+    main(get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()

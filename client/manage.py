@@ -1,0 +1,174 @@
+"""Manage the models TorchServe serves: list, register, scale, switch versions, roll out safely.
+
+Every command goes through the management API with the management key from key_file.json
+(renewed with the API key when it has expired). `rollout` swaps versions with no failed request:
+the new version gets its own workers and answers a smoke set before it becomes the default,
+and the old version is unregistered only once its queue has drained.
+
+    .venv/bin/python scripts/manage.py list
+    .venv/bin/python scripts/manage.py rollout model_store/digits-2.0.mar --smoke-dir demo/val
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from client.errors import UserError, run_main
+from client.rollout import locate_mar, register, rollout, unregister
+from client.torchserve import REPO_ROOT, TorchServe, add_server_flags, format_version
+
+DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
+DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh
+
+
+def run_command(client: TorchServe, args: argparse.Namespace) -> str:
+    """Do the subcommand; return its one-line (or, for list/describe, multi-line) summary."""
+    if args.command == "list":
+        lines = []
+        for name in client.model_names():
+            default = client.default_version(name)
+            lines += [format_version(entry, default) for entry in client.versions(name)]
+        return "\n".join(lines) or "no models registered"
+    if args.command == "describe":
+        path = f"/models/{args.name}/{args.version or 'all'}"
+        entries = client.call("GET", path, f"describe {args.name} {args.version or ''}".strip())
+        if args.json:
+            return json.dumps(entries, indent=2)
+        default, lines = client.default_version(args.name), []
+        for entry in entries:
+            lines.append(format_version(entry, default))
+            for w in entry.get("workers", []):
+                memory = int(w.get("memoryUsage") or 0)  # 0 until TorchServe first measures it
+                lines.append(f"  worker {w.get('id')}: {w.get('status')}, pid {w.get('pid')}, "
+                             + (f"{memory / 2**20:.0f} MiB, " if memory else "")
+                             + f"started {w.get('startTime')}")
+        return "\n".join(lines)
+    if args.command == "register":
+        name, version = register(client, locate_mar(args.mar, args.model_store), args.workers,
+                                 args.batch_size, args.max_batch_delay, args.log_dir)
+        entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
+        return "register: " + format_version(entry, client.default_version(name))
+    if args.command == "set-default":
+        client.call("PUT", f"/models/{args.name}/{args.version}/set-default",
+                    f"set-default {args.name} {args.version}")
+        return f"set-default: /predictions/{args.name} now answers with version {args.version}"
+    if args.command == "scale":
+        path = f"/models/{args.name}" + (f"/{args.version}" if args.version else "")
+        client.call("PUT", path, f"scale {args.name} {args.version or '(default)'}", min_worker=args.min,
+                    max_worker=args.max, synchronous="true")
+        entry = client.call("GET", path, f"describe {args.name}")[0]
+        return "scale: " + format_version(entry, client.default_version(args.name))
+    if args.command == "unregister":
+        unregister(client, args.name, args.version, args.drain_seconds, args.drain_timeout, args.log_dir)
+        left = [v["modelVersion"] for v in client.versions(args.name)]
+        return f"unregister: {args.name} {args.version} removed; versions left: {', '.join(left) or 'none'}"
+    return rollout(client, args)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Usage errors found before any request is sent."""
+    for flag, least in (("workers", 1), ("batch_size", 1), ("max_batch_delay", 0)):
+        value = getattr(args, flag, None)  # None: the archive's model-config.yaml decides
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= {least}, not {value}")
+    if args.command == "scale" and (args.min < 0 or (args.max is not None and args.max < args.min)):
+        raise UserError("scale needs 0 <= --min <= --max")
+    if args.command == "rollout" and args.min_accuracy is not None:
+        if not 0 <= args.min_accuracy <= 1:
+            raise UserError("--min-accuracy must be between 0 and 1")
+        if not args.smoke_dir:
+            raise UserError("--min-accuracy needs --smoke-dir")
+    if args.command == "rollout" and not 0 <= args.max_accuracy_drop <= 1:
+        raise UserError("--max-accuracy-drop must be between 0 and 1")
+    if args.timeout <= 0:
+        raise UserError("--timeout must be > 0")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per operation, the server flags on each."""
+    server = argparse.ArgumentParser(add_help=False)
+    add_server_flags(server)
+    server.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for one answer; registering waits for its workers "
+                             "(default: %(default)s)")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--model-store", type=Path, default=DEFAULT_STORE,
+                       help="the server's model store; MAR must be in it "
+                            "(default: $MODEL_STORE, else model_store/)")
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument("--workers", type=int, default=None,
+                         help="workers of the new version (default: rollout keeps the old default's "
+                              "count; register: the archive's model-config.yaml)")
+    workers.add_argument("--batch-size", type=int, default=None,
+                         help="server-side batch size (default: the archive's model-config.yaml)")
+    workers.add_argument("--max-batch-delay", type=int, default=None,
+                         help="ms a batch waits to fill (default: the archive's model-config.yaml)")
+    logs = argparse.ArgumentParser(add_help=False)
+    logs.add_argument("--log-dir", type=Path, default=DEFAULT_LOG_DIR,
+                      help="the local server's log folder: a failed worker's reason, and the batches "
+                           "workers hold while draining (default: $TS_LOG_DIR, else logs/, as serve.sh)")
+    drain_ = argparse.ArgumentParser(add_help=False)
+    drain_.add_argument("--drain-seconds", type=float, default=2.0,
+                        help="seconds a version must stay idle (empty queue, no batch in a worker) "
+                             "before it is removed (default: %(default)s)")
+    drain_.add_argument("--drain-timeout", type=float, default=60.0,
+                        help="seconds, beyond the quiet period, after which a busy version is kept, "
+                             "not removed (default: %(default)s)")
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("list", parents=[server], help="models, versions, the default, workers")
+    p = sub.add_parser("describe", parents=[server], help="one model's versions and their workers")
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("version", metavar="VERSION", nargs="?", default=None, help="one version (default: all)")
+    p.add_argument("--json", action="store_true", help="print TorchServe's describe answer as JSON")
+    p = sub.add_parser("register", parents=[server, store, workers, logs],
+                       help="register a .mar of the model store, wait until its workers are READY")
+    p.add_argument("mar", metavar="MAR", help="archive path or file name in the model store")
+    p = sub.add_parser("set-default", parents=[server], help="route /predictions/NAME to VERSION")
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("version", metavar="VERSION", help="the version to make the default")
+    p = sub.add_parser("scale", parents=[server], help="set a version's worker count")
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("version", metavar="VERSION", nargs="?", default=None,
+                   help="version (default: the default version)")
+    p.add_argument("--min", type=int, required=True, help="minimum workers")
+    p.add_argument("--max", type=int, default=None, help="maximum workers (default: --min)")
+    p = sub.add_parser("unregister", parents=[server, drain_, logs],
+                       help="remove a version once its queue has drained and its workers are idle")
+    p.add_argument("name", metavar="NAME", help="model name")
+    p.add_argument("version", metavar="VERSION", help="the version to remove")
+    p = sub.add_parser("rollout", parents=[server, store, workers, drain_, logs],
+                       help="register, smoke-test, set default, retire the old default; roll back on failure")
+    p.add_argument("mar", metavar="MAR", help="the new version's archive (path or file name in the store)")
+    p.add_argument("--smoke-dir", default=None,
+                   help="images that must all succeed on the new version (class folders: accuracy too)")
+    p.add_argument("--min-accuracy", type=float, default=None,
+                   help="with class folders in --smoke-dir: the least accuracy (0-1) the new version needs")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01,
+                   help="with class folders in --smoke-dir: the old default is measured on the same "
+                        "images and the new version may be at most this much (0-1) less accurate; "
+                        "1 allows any drop (default: %(default)s)")
+    p.add_argument("--new-model", action="store_true",
+                   help="allow a MAR whose model name the server does not serve yet, beside other models")
+    p.add_argument("--keep-old", action="store_true", help="keep the old default version registered")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run one subcommand: 0 done; a refusal or a rollback raises (exit 1), a usage error too (2)."""
+    check_args(args)
+    client = TorchServe.from_args(args)
+    print(run_command(client, args))
+    return 0
+
+
+def cli() -> None:
+    """The `ts-manage` command (scripts/manage.py)."""
+    run_main(main, get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,81 @@
+"""What a local server's logs add to the management API: a worker's reason to fail, the batches
+workers hold. Only for a server whose log folder this machine can read (serve.sh's logs/)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def worker_thread(name: str, version: str) -> str:
+    """A regex of the frontend's thread name for the workers of NAME VERSION (W-<id>-NAME_VERSION)."""
+    return rf"W-(\d+)-{re.escape(name)}_{re.escape(version)}"
+
+
+class LogTail:
+    """The complete lines a server log gets after a point, read as they come (rotation restarts it)."""
+
+    def __init__(self, path: Path, from_end: bool = True):
+        self.path = path
+        self.offset = self.size() if from_end else 0
+
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def new_lines(self) -> Iterator[str]:
+        """Lines written since the last call; a partial last line waits for the next call."""
+        if self.size() < self.offset:  # rolled over to a fresh file
+            self.offset = 0
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                for raw in log:
+                    if not raw.endswith(b"\n"):
+                        return
+                    self.offset += len(raw)
+                    yield raw.decode("utf-8", "replace")
+        except OSError:
+            return
+
+
+EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception|Exit|Interrupt)\b(?::.*)?$")
+
+
+def worker_failure(log: LogTail, name: str, version: str) -> str | None:
+    """The last exception line the workers of NAME VERSION wrote to model_log.log since `log`'s offset."""
+    thread = re.compile(worker_thread(name, version) + r"-std(?:out|err) MODEL_LOG - (.*)$")
+    reason = None
+    for line in log.new_lines():
+        match = thread.search(line.rstrip("\n"))
+        if match and EXCEPTION_LINE.match(match.group(2).strip()):
+            reason = match.group(2).strip()
+    return reason
+
+
+class BatchWatch:
+    """Which workers of NAME VERSION hold a batch, from the frontend's ts_log.log.
+
+    TorchServe's WorkerThread logs "Looping backend response" once it has sent a batch to its
+    worker and "Backend response time" once every answer of it is out; the management API shows
+    neither (a batch a worker holds has left pendingRequests). The log is the certain signal.
+    """
+
+    def __init__(self, log_dir: Path, name: str, version: str):
+        self.log = LogTail(log_dir / "ts_log.log", from_end=False)
+        self.pattern = re.compile(worker_thread(name, version)
+                                  + r" org\.pytorch\.serve\.wlm\.WorkerThread - "
+                                    r"(Looping backend response|Backend response time)")
+        self.holding: dict[str, bool] = {}  # worker id -> between the two lines
+
+    def busy(self, worker_ids: list[str]) -> set[str] | None:
+        """The workers among `worker_ids` inside a batch; None when the log never mentions any of them."""
+        for line in self.log.new_lines():
+            match = self.pattern.search(line)
+            if match:
+                self.holding[match.group(1)] = match.group(2).startswith("Looping")
+        if not any(w in self.holding for w in worker_ids):
+            return None
+        return {w for w in worker_ids if self.holding.get(w)}

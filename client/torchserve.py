@@ -1,0 +1,385 @@
+"""One client for TorchServe's APIs: keys, sessions, inference, management and readiness.
+
+TorchServe 0.12 enforces token authorization: `torchserve --start` writes key_file.json
+in its working folder (the repository root, beside config.properties, for serve.sh).
+Inference and management keys expire after 60 minutes and change on every restart; the
+API key can ask the management API for a fresh inference or management key.
+
+As a command it is what scripts/serve.sh runs to wait for a server and print its status:
+    python -m client.torchserve wait|status --url URL --management-url URL --key-file PATH
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from client.errors import Refused, ServerUnavailable, UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_KEY_FILE = REPO_ROOT / "key_file.json"  # where serve.sh runs torchserve
+DEFAULT_INFERENCE_URL = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
+KEY_KINDS = ("inference", "management", "API")
+
+
+def find_key_file(path: str | os.PathLike | None = None) -> Path:
+    """The key file to use: `path` when given, else key_file.json at the repository root."""
+    return Path(path).expanduser() if path else DEFAULT_KEY_FILE
+
+
+def read_keys(path: str | os.PathLike) -> dict[str, str]:
+    """key_file.json -> {"inference": key, "management": key, "API": key} (missing kinds left out)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    keys = {}
+    for kind in KEY_KINDS:
+        entry = data.get(kind) if isinstance(data, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            keys[kind] = entry["key"]
+    return keys
+
+
+def management_url_for(inference_url: str) -> str:
+    """The management URL beside an inference URL: same host, the next port (8080 -> 8081)."""
+    parts = urlsplit(inference_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return urlunsplit((parts.scheme, f"{parts.hostname}:{port + 1}", "", "", ""))
+
+
+def is_auth_error(response: requests.Response) -> bool:
+    """True when TorchServe refused the request's key (it answers 400 InvalidKeyException)."""
+    if response.status_code in (401, 403):
+        return True
+    if response.status_code != 400:
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("type") == "InvalidKeyException"
+
+
+def error_message(response: requests.Response) -> str:
+    """An error answer's message (TorchServe's "message", the handler's "error"), else its status line."""
+    try:
+        body = response.json()
+        message = body.get("error") or body.get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.reason or response.text[:200])
+
+
+def add_server_flags(parser: argparse.ArgumentParser) -> None:
+    """--url, --management-url and --token-file: which server a command talks to, with which keys."""
+    parser.add_argument("--url", default=DEFAULT_INFERENCE_URL,
+                        help="TorchServe inference URL (default: %(default)s)")
+    parser.add_argument("--management-url", default=None,
+                        help="management URL (default: the inference URL's host, port + 1)")
+    parser.add_argument("--token-file", default=None,
+                        help="the server's key_file.json (default: the one at the repository root)")
+
+
+def new_session(pool_size: int = 4) -> requests.Session:
+    """A keep-alive session whose connection pool holds `pool_size` connections."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.trust_env = False  # loopback server: never route through a proxy from the environment
+    return session
+
+
+class Keys:
+    """Thread-safe holder of the server's keys, re-read or renewed when the server rejects one."""
+
+    def __init__(self, key_file: str | os.PathLike | None = None, management_url: str | None = None,
+                 keys: dict[str, str] | None = None):
+        self.key_file = find_key_file(key_file)
+        self.management_url = management_url
+        self._lock = threading.Lock()
+        self._keys = dict(keys) if keys is not None else self._read()
+
+    def _read(self) -> dict[str, str]:
+        for attempt in range(20):  # the server may be writing the file right now
+            try:
+                return read_keys(self.key_file)
+            except FileNotFoundError:
+                return {}
+            except (OSError, ValueError) as e:
+                if attempt == 19:
+                    raise ServerUnavailable(f"cannot read key file {self.key_file}: {e}") from None
+                time.sleep(0.05)
+        return {}
+
+    def get(self, kind: str) -> str | None:
+        """The current key of `kind` ("inference", "management", "API"), or None."""
+        with self._lock:
+            return self._keys.get(kind)
+
+    def headers(self, kind: str) -> dict[str, str]:
+        """The Authorization header for `kind`, empty when there is no key (auth disabled)."""
+        key = self.get(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def refresh(self, kind: str, rejected: str | None) -> bool:
+        """After `rejected` was refused: re-read the file, else ask for a new key; True if renewed."""
+        with self._lock:
+            if self._keys.get(kind) != rejected:
+                return True  # another thread renewed it already
+            fresh = self._read()
+            if fresh.get(kind) and fresh.get(kind) != rejected:
+                self._keys = fresh
+                return True
+            api_key = fresh.get("API") or self._keys.get("API")
+            if kind == "API" or not api_key or not self.management_url:
+                return False
+            try:  # TorchServe answers with an empty body and rewrites the key file
+                response = requests.get(f"{self.management_url}/token", params={"type": kind},
+                                        headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+            except requests.RequestException:
+                return False
+            if response.status_code != 200:
+                return False
+            fresh = self._read()
+            if fresh.get(kind) and fresh.get(kind) != rejected:
+                self._keys = fresh
+                return True
+            return False
+
+
+def request_with_key(session: requests.Session, method: str, url: str, keys: Keys, kind: str,
+                     **kwargs) -> requests.Response:
+    """Send a request with the `kind` key; on a key rejection refresh it once and resend."""
+    extra = kwargs.pop("headers", None) or {}
+    sent = keys.get(kind)
+    response = session.request(method, url, headers={**extra, **keys.headers(kind)}, **kwargs)
+    if is_auth_error(response) and keys.refresh(kind, sent):
+        response = session.request(method, url, headers={**extra, **keys.headers(kind)}, **kwargs)
+    return response
+
+
+def ping(inference_url: str, keys: Keys | None = None, timeout: float = 2.0) -> str | None:
+    """None when /ping answers Healthy, else what it answered (0.12 wants the inference key)."""
+    keys = keys or Keys(keys={})
+    try:
+        response = request_with_key(new_session(1), "GET", f"{inference_url}/ping", keys, "inference",
+                                    timeout=timeout)
+    except requests.RequestException as e:
+        return f"no answer on {inference_url}/ping ({type(e).__name__})"
+    try:
+        if response.status_code == 200 and response.json().get("status") == "Healthy":
+            return None
+    except ValueError:
+        pass
+    return f"/ping answered {response.status_code}: {response.text.strip()[:200]}"
+
+
+class TorchServe:
+    """The management and inference APIs of one server, with its keys; errors become one line."""
+
+    def __init__(self, url: str, management_url: str | None = None, keys: Keys | None = None,
+                 timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.management_url = (management_url or management_url_for(self.url)).rstrip("/")
+        self.keys = keys if keys is not None else Keys(None, self.management_url)
+        self.timeout = timeout
+        self.session = new_session()
+        self._local = threading.local()  # one keep-alive session per sending thread
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, timeout: float | None = None) -> "TorchServe":
+        """The server named by add_server_flags' --url, --management-url and --token-file."""
+        if args.token_file and not Path(args.token_file).is_file():
+            raise UserError(f"--token-file not found: {args.token_file}")
+        management_url = (args.management_url or management_url_for(args.url)).rstrip("/")
+        return cls(args.url, management_url, Keys(args.token_file, management_url),
+                   timeout=timeout or getattr(args, "timeout", 10.0))
+
+    def call(self, method: str, path: str, what: str, ok_404: bool = False, **params) -> object:
+        """One management request -> its JSON body; Refused with the server's message on an error."""
+        params = {k: v for k, v in params.items() if v is not None}
+        url = f"{self.management_url}{path}"
+        try:
+            response = request_with_key(self.session, method, url, self.keys, "management",
+                                                 params=params, timeout=self.timeout)
+        except requests.ConnectionError:
+            raise ServerUnavailable(f"server unreachable at {self.management_url} (is TorchServe running? "
+                            f"scripts/serve.sh status)") from None
+        except requests.Timeout:
+            raise Refused(f"{what}: no answer within {self.timeout:g}s") from None
+        if is_auth_error(response):
+            if not self.keys.key_file.is_file():
+                raise ServerUnavailable(f"the server wants a key and there is no {self.keys.key_file}; pass the "
+                                f"server's key_file.json with --token-file")
+            raise ServerUnavailable(f"the management API refused the key from {self.keys.key_file} and no fresh "
+                            f"one could be had; pass the server's key_file.json with --token-file")
+        if response.status_code == 404 and ok_404:
+            return None
+        if response.status_code >= 400:
+            raise Refused(f"{what}: {server_message(response)}")
+        try:
+            return response.json()
+        except ValueError:
+            return {}
+
+    def model_names(self) -> list[str]:
+        """Names of the registered models, every page of GET /models."""
+        names, token = [], None
+        while True:
+            body = self.call("GET", "/models", "list models", limit=100, next_page_token=token)
+            names += [m["modelName"] for m in body.get("models", [])]
+            token = body.get("nextPageToken")
+            if not token:
+                return names
+
+    def versions(self, name: str) -> list[dict]:
+        """Every registered version of `name` (TorchServe's describe), [] when not registered."""
+        return self.call("GET", f"/models/{name}/all", f"describe {name}", ok_404=True) or []
+
+    def describe(self, name: str, version: str | None = None) -> list[dict]:
+        """TorchServe's describe of `version` (None: the default version), [] when not registered."""
+        path = f"/models/{name}" + (f"/{version}" if version else "")
+        return self.call("GET", path, f"describe {name} {version or ''}".strip(), ok_404=True) or []
+
+    def default_version(self, name: str) -> str | None:
+        """The version /predictions/NAME answers with, None when `name` is not registered."""
+        body = self.call("GET", f"/models/{name}", f"describe {name}", ok_404=True)
+        return body[0]["modelVersion"] if body else None
+
+    def predict(self, name: str, version: str, data: bytes) -> requests.Response:
+        """POST one image to /predictions/NAME/VERSION with the inference key."""
+        if not hasattr(self._local, "session"):
+            self._local.session = new_session(1)
+        url = f"{self.url}/predictions/{name}/{version}"
+        return request_with_key(self._local.session, "POST", url, self.keys, "inference",
+                                         data=data, timeout=self.timeout,
+                                         headers={"Content-Type": "application/octet-stream"})
+
+
+def server_message(response: requests.Response) -> str:
+    """TorchServe's error message ({"code", "type", "message"}), else the status line."""
+    return f"HTTP {response.status_code}: {error_message(response)}"
+
+
+def format_version(entry: dict, default: str | None) -> str:
+    """One line: version, default mark, workers by status, batching and the archive."""
+    states = [w.get("status", "?") for w in entry.get("workers", [])]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) or "no workers"
+    mark = " (default)" if entry["modelVersion"] == default else ""
+    return (f"{entry['modelName']} {entry['modelVersion']}{mark}: workers {counts} (min "
+            f"{entry.get('minWorkers')}, max {entry.get('maxWorkers')}), batch {entry.get('batchSize')}, "
+            f"delay {entry.get('maxBatchDelay')} ms, queue {pending_requests(entry)}, "
+            f"{entry.get('modelUrl')}")
+
+
+def pending_requests(entry: dict) -> int:
+    """Requests waiting in a version's queue (not those a worker already took)."""
+    return int((entry.get("jobQueueStatus") or {}).get("pendingRequests", 0))
+
+
+def unready_models(server: TorchServe) -> list[str]:
+    """Model versions that have no READY worker yet, as "name/version (worker states)"."""
+    waiting = []
+    for name in server.model_names():
+        for entry in server.versions(name):
+            states = [w.get("status", "?") for w in entry.get("workers", [])]
+            if "READY" not in states:
+                waiting.append(f"{name}/{entry['modelVersion']} ({', '.join(states) or 'no workers'})")
+    return waiting
+
+
+def wait_ready(server: TorchServe, timeout: float, alive=lambda: True) -> str | None:
+    """Poll until /ping is healthy and every model has a READY worker: None, or why not."""
+    deadline = time.monotonic() + timeout
+    why = "no answer on /ping"
+    while time.monotonic() < deadline:
+        if not alive():
+            return "the server process exited"
+        why = ping(server.url, server.keys)
+        if why is None:
+            try:
+                waiting = unready_models(server)
+                if not waiting:
+                    return None
+                why = "waiting for a READY worker: " + "; ".join(waiting)
+            except (ServerUnavailable, Refused, ValueError) as e:
+                why = f"management API: {e}"
+        time.sleep(0.5)
+    return why
+
+
+def format_status(server: TorchServe) -> str:
+    """Models, versions, the default version and workers, one line per version."""
+    lines = []
+    for name in server.model_names():
+        default = server.default_version(name)
+        for entry in server.versions(name):
+            workers = ", ".join(f"{w.get('id')}:{w.get('status')} pid {w.get('pid')}"
+                                for w in entry.get("workers", [])) or "none"
+            mark = " (default)" if entry["modelVersion"] == default else ""
+            lines.append(f"{name} {entry['modelVersion']}{mark}: batch {entry.get('batchSize')}, "
+                         f"workers {workers}")
+    return "\n".join(lines) or "no models registered"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The serve.sh helper's command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("wait", "status"), help="wait for readiness, or print status")
+    parser.add_argument("--url", default=DEFAULT_INFERENCE_URL, help="inference URL")
+    parser.add_argument("--management-url", default=DEFAULT_MANAGEMENT_URL, help="management URL")
+    parser.add_argument("--key-file", default=str(DEFAULT_KEY_FILE), help="the server's key_file.json")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds `wait` waits")
+    parser.add_argument("--pid", type=int, default=0, help="`wait` gives up when this process exits")
+    return parser
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `wait` or `status`; the exit code says whether it worked."""
+    if args.command == "status":
+        server = TorchServe(args.url, args.management_url, Keys(args.key_file, args.management_url))
+        why = ping(server.url, server.keys)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 1
+        try:
+            print(format_status(server))
+        except (ServerUnavailable, Refused) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    key_file = find_key_file(args.key_file)
+    deadline = time.monotonic() + args.timeout
+    while not key_file.exists() and time.monotonic() < deadline:  # written at startup
+        if args.pid and not _pid_alive(args.pid):
+            break
+        time.sleep(0.2)
+    server = TorchServe(args.url, args.management_url, Keys(key_file, args.management_url))
+    why = wait_ready(server, max(0.0, deadline - time.monotonic()),
+                     alive=lambda: not args.pid or _pid_alive(args.pid))
+    if why:
+        print(why, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
