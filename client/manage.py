@@ -7,6 +7,7 @@ and the old version is unregistered only once its queue has drained.
 
     .venv/bin/python scripts/manage.py list
     .venv/bin/python scripts/manage.py rollout model_store/digits-2.0.mar --smoke-dir demo/val
+    .venv/bin/python scripts/manage.py list --fleet fleet.yaml    # every replica, version skew flagged
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from client.errors import UserError, run_main
+from client.errors import Refused, ServerUnavailable, UserError, run_main
+from client.fleet_rollout import Member, fleet_members, fleet_rollout, parse_log_dirs, snapshots, version_skew
 from client.rollout import locate_mar, register, rollout, unregister
-from client.torchserve import REPO_ROOT, TorchServe, add_server_flags, format_version
+from client.torchserve import DEFAULT_INFERENCE_URL, REPO_ROOT, TorchServe, add_server_flags, format_version
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
 DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh
@@ -36,15 +38,7 @@ def run_command(client: TorchServe, args: argparse.Namespace) -> str:
         entries = client.call("GET", path, f"describe {args.name} {args.version or ''}".strip())
         if args.json:
             return json.dumps(entries, indent=2)
-        default, lines = client.default_version(args.name), []
-        for entry in entries:
-            lines.append(format_version(entry, default))
-            for w in entry.get("workers", []):
-                memory = int(w.get("memoryUsage") or 0)  # 0 until TorchServe first measures it
-                lines.append(f"  worker {w.get('id')}: {w.get('status')}, pid {w.get('pid')}, "
-                             + (f"{memory / 2**20:.0f} MiB, " if memory else "")
-                             + f"started {w.get('startTime')}")
-        return "\n".join(lines)
+        return "\n".join(describe_lines(entries, client.default_version(args.name)))
     if args.command == "register":
         name, version = register(client, locate_mar(args.mar, args.model_store), args.workers,
                                  args.batch_size, args.max_batch_delay, args.log_dir)
@@ -67,6 +61,53 @@ def run_command(client: TorchServe, args: argparse.Namespace) -> str:
     return rollout(client, args)
 
 
+def describe_lines(entries: list[dict], default: str | None, prefix: str = "") -> list[str]:
+    """Each version's line, then one line per worker."""
+    lines = []
+    for entry in entries:
+        lines.append(prefix + format_version(entry, default))
+        for w in entry.get("workers", []):
+            memory = int(w.get("memoryUsage") or 0)  # 0 until TorchServe first measures it
+            lines.append(f"{prefix}  worker {w.get('id')}: {w.get('status')}, pid {w.get('pid')}, "
+                         + (f"{memory / 2**20:.0f} MiB, " if memory else "")
+                         + f"started {w.get('startTime')}")
+    return lines
+
+
+def run_fleet_command(members: list[Member], args: argparse.Namespace) -> str:
+    """list, describe or rollout over every replica of --fleet; list and describe flag version skew."""
+    if args.command == "rollout":
+        return fleet_rollout(members, args, parse_log_dirs(args.replica_log_dir, members))
+    snaps = snapshots(members, [args.name] if args.command == "describe" else None)
+    if args.command == "describe" and args.json:
+        return json.dumps({s.replica: {"error": s.error} if s.error
+                           else s.models.get(args.name, (None, []))[1] for s in snaps}, indent=2)
+    lines = []
+    for s in snaps:
+        if s.error:
+            lines.append(f"{s.replica}: error: {s.error}")
+        elif not s.models:
+            lines.append(f"{s.replica}: " + (f"{args.name} is not registered" if args.command == "describe"
+                                             else "no models registered"))
+        for name, (default, entries) in s.models.items():
+            entries = [e for e in entries if getattr(args, "version", None) in (None, e["modelVersion"])]
+            if args.command == "describe":
+                lines += describe_lines(entries, default, f"{s.replica}: ")
+            else:
+                lines += [f"{s.replica}: {format_version(entry, default)}" for entry in entries]
+    skew = version_skew(snaps)
+    readable = [s for s in snaps if not s.error]
+    lines += skew or [f"fleet: {len(readable)} of {len(snaps)} replicas read, no version skew"]
+    print("\n".join(lines))
+    if len(readable) < len(snaps):
+        names = ", ".join(s.replica for s in snaps if s.error)
+        raise ServerUnavailable(f"{len(snaps) - len(readable)} of {len(snaps)} replicas could not be read "
+                                f"({names}); the lines above show the rest")
+    if args.command == "describe" and not any(s.models for s in snaps):
+        raise Refused(f"describe {args.name}: not registered on any replica")
+    return ""
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Usage errors found before any request is sent."""
     for flag, least in (("workers", 1), ("batch_size", 1), ("max_batch_delay", 0)):
@@ -84,12 +125,27 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--max-accuracy-drop must be between 0 and 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
+    if args.fleet:
+        if args.command not in ("list", "describe", "rollout"):
+            raise UserError(f"--fleet works with list, describe and rollout; {args.command} acts on one "
+                            f"server: pass its --url, --management-url and --token-file")
+        if args.url != DEFAULT_INFERENCE_URL or args.management_url or args.token_file:
+            raise UserError("--fleet replaces --url, --management-url and --token-file: every replica's "
+                            "URLs and key file come from the fleet file")
+        if getattr(args, "log_dir", DEFAULT_LOG_DIR) != DEFAULT_LOG_DIR:
+            raise UserError("--log-dir names one server's log folder; with --fleet pass "
+                            "--replica-log-dir NAME=DIR for each replica whose logs this machine can read")
+    elif getattr(args, "replica_log_dir", None):
+        raise UserError("--replica-log-dir needs --fleet (one server: --log-dir)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per operation, the server flags on each."""
     server = argparse.ArgumentParser(add_help=False)
     add_server_flags(server)
+    server.add_argument("--fleet", type=Path, default=None,
+                        help="a fleet file (docs/fleet.md): act on every replica it names instead of "
+                             "one server; with list, describe and rollout")
     server.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for one answer; registering waits for its workers "
                              "(default: %(default)s)")
@@ -154,12 +210,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-model", action="store_true",
                    help="allow a MAR whose model name the server does not serve yet, beside other models")
     p.add_argument("--keep-old", action="store_true", help="keep the old default version registered")
+    p.add_argument("--replica-log-dir", action="append", default=[], metavar="NAME=DIR",
+                   help="with --fleet: replica NAME's log folder, when this machine can read it (a "
+                        "worker's reason, the drain's batches); without it that replica's drain waits "
+                        "the old version's responseTimeout; repeat for each replica")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     """Run one subcommand: 0 done; a refusal or a rollback raises (exit 1), a usage error too (2)."""
     check_args(args)
+    if args.fleet:
+        summary = run_fleet_command(fleet_members(args.fleet, args.timeout), args)
+        if summary:
+            print(summary)
+        return 0
     client = TorchServe.from_args(args)
     print(run_command(client, args))
     return 0

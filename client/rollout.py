@@ -102,7 +102,7 @@ def drain(client: TorchServe, name: str, version: str, quiet_s: float, timeout_s
 
 
 def unregister(client: TorchServe, name: str, version: str, quiet_s: float, timeout_s: float,
-               log_dir: Path | None = None) -> None:
+               log_dir: Path | None = None, label: str = "") -> None:
     """Unregister a version once its queue is empty and its workers hold no batch: TorchServe never
     answers the requests of a removed version (docs/rollout.md)."""
     versions = [v["modelVersion"] for v in client.versions(name)]
@@ -122,7 +122,8 @@ def unregister(client: TorchServe, name: str, version: str, quiet_s: float, time
         # restarts a worker that is silent for longer), so that long a quiet queue is certain too.
         quiet_s = max(quiet_s, float(entry.get("responseTimeout") or 120))
         watch = None
-        say(f"{name} {version}: no ts_log.log of its workers in {log_dir} (--log-dir); waiting "
+        where = f"in {log_dir} (--log-dir)" if log_dir else "to read (no log folder given)"
+        say(f"{label}{name} {version}: no ts_log.log of its workers {where}; waiting "
             f"{quiet_s:g}s of empty queue (its responseTimeout) so that no batch is cut")
     if not drain(client, name, version, quiet_s, timeout_s, watch):
         raise Refused(f"{name} {version} still has queued requests or a batch in a worker after "
