@@ -13,6 +13,7 @@ from pathlib import Path
 import requests
 
 from client.errors import Refused, ServerUnavailable, UserError
+from client.pixels import BadImage, Prepare, send_file
 from client.results import error_row, ok_row
 from client.torchserve import TorchServe, error_message, is_auth_error, new_session, ping
 from client.walk import DEFAULT_MAX_BYTES, NotSent, read_image
@@ -60,11 +61,13 @@ class Classifier:
     """Sends one file, with retries and key renewal; thread-safe, one keep-alive session per thread."""
 
     def __init__(self, server: TorchServe, model: str, version: str | None, versions: VersionTracker, *,
-                 topk: int, retries: int, timeout: float, max_bytes: int = DEFAULT_MAX_BYTES):
+                 topk: int, retries: int, timeout: float, max_bytes: int = DEFAULT_MAX_BYTES,
+                 prepare: Prepare = send_file):
         self.endpoint = f"{server.url}/predictions/{model}" + (f"/{version}" if version else "")
         self.server, self.keys = server, server.keys
         self.model, self.version, self.versions = model, version, versions
         self.topk, self.retries, self.timeout, self.max_bytes = topk, retries, timeout, max_bytes
+        self.prepare = prepare  # file bytes -> (body, content type): the file, or its pixels (--preprocess)
         self.abort = threading.Event()
         self._local = threading.local()
 
@@ -77,13 +80,15 @@ class Classifier:
         """One file -> (row, failure reason or None); None when the run was aborted first."""
         row = {"path": rel, "model": self.model}
         try:
-            data = read_image(path, self.max_bytes)
+            data, content_type = self.prepare(read_image(path, self.max_bytes))
         except NotSent as e:
             return error_row(row, str(e), None), e.reason
+        except BadImage as e:  # refused here by the server's own check: its message and code
+            return error_row(row, e.message, e.code), f"http {e.code}"
         attempt, refreshes = 0, 0
         while not self.abort.is_set():
             key = self.keys.get("inference")
-            headers = {"Content-Type": "application/octet-stream", **self.keys.headers("inference")}
+            headers = {"Content-Type": content_type, **self.keys.headers("inference")}
             started, sent_at = time.perf_counter(), time.monotonic()
             try:
                 response = self._session().post(self.endpoint, data=data, headers=headers,

@@ -15,7 +15,7 @@ import torch
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import batch_inference, preprocessing, request_decoding
+from handler import batch_inference, pixel_payload, preprocessing, request_decoding
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,40 @@ class ClassifierHandler(BaseHandler):
         """Probabilities -> per image the top-k labels, highest first."""
         return batch_inference.top_k(data, self.settings.topk, self.labels)
 
+    def describe_handle(self) -> dict:
+        """What a client needs to preprocess for this model (describe with customized=true)."""
+        return {
+            "pixel_payload": {"content_type": pixel_payload.CONTENT_TYPE, "dtype": "uint8",
+                              "shape": list(pixel_payload.expected_shape(self.preprocess_config.image_size))},
+            "preprocess": self.preprocess_config.to_dict(),
+            "max_pixels": self.settings.max_pixels,
+            "max_decoded_bytes": self.settings.max_decoded_bytes,
+            "topk": self.settings.topk,
+        }
+
     def handle(self, data: list, context) -> list:
-        """Answer a batch: one JSON body and one HTTP status per request."""
+        """Answer a batch: one JSON body and one HTTP status per request (describe requests too)."""
         started = time.perf_counter()
         self.context = context
+        data = data or []
+        # TorchServe's describe?customized=true arrives as a request with header describe: True;
+        # BaseHandler.handle routes it to describe_handle, and this override must too.
+        describe = [i for i in range(len(data)) if is_describe(context, i)]
+        rows = [row for i, row in enumerate(data) if i not in describe]
         answers = batch_inference.answer_batch(
-            self.preprocess(data or []), lambda tensors: self.postprocess(self.inference(tensors)))
+            self.preprocess(rows), lambda tensors: self.postprocess(self.inference(tensors)))
+        for i in describe:
+            answers.insert(i, self.describe_handle())
         bodies = request_decoding.format_responses(answers, context, self.model_version)
         if getattr(context, "metrics", None) is not None:
             context.metrics.add_time("HandlerTime", round((time.perf_counter() - started) * 1000, 2),
                                      None, "ms")
         return bodies
+
+
+def is_describe(context, idx: int) -> bool:
+    """Whether request `idx` is TorchServe's describe call (header describe: True), as BaseHandler checks."""
+    try:
+        return context.get_request_header(idx, "describe") == "True"
+    except (AttributeError, IndexError, KeyError, TypeError):  # a context without request headers
+        return False

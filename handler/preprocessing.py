@@ -1,7 +1,8 @@
 """The one implementation of image preprocessing, shared by training and serving.
 
 `preprocess.json` (written by training) is its only source of settings; this file
-is packaged into the .mar beside the handler, so the two paths cannot drift apart.
+is packaged into the .mar beside the handler, so the two paths cannot drift apart. The
+client's `--preprocess client` runs the same decode and resize (load_pixels) before sending.
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch loads where tensors are made: the client decodes with this module, without it
+    import torch
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~50 MP: above any camera photo, below a decompression bomb
 # 64 MiB of decoded pixels: a 16 MP RGB PNG (Pillow keeps RGB in 4 bytes a pixel) or a 33 MP
@@ -260,7 +263,18 @@ def resize(img: Image.Image, cfg: PreprocessConfig) -> Image.Image:
 
 def to_tensor(img: Image.Image, cfg: PreprocessConfig) -> torch.Tensor:
     """An RGB image of the model's size -> normalised float tensor 3 x H x W."""
-    tensor = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    return pixels_to_tensor(np.array(img, dtype=np.uint8), cfg)
+
+
+def pixels_to_tensor(pixels: np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
+    """uint8 H x W x 3 pixels of the model's size -> normalised float tensor 3 x H x W.
+
+    The one normalisation: server-side decoding and the client's pixel payloads both end here.
+    """
+    import torch
+
+    pixels = np.require(pixels, np.uint8, ["W"])  # a payload's read-only buffer is copied, an image's not
+    tensor = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
     return tensor.sub_(mean).div_(std)
@@ -276,3 +290,16 @@ def load_tensor(source: ImageSource, cfg: PreprocessConfig, max_pixels: int = DE
     """Decode and preprocess in one step: what both training's validation and serving do."""
     return preprocess(open_image(source, size=cfg.image_size, max_pixels=max_pixels,
                                  max_decoded_bytes=max_decoded_bytes), cfg)
+
+
+def load_pixels(source: ImageSource, cfg: PreprocessConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
+    """Decode and resize, not normalise: uint8 H x W x 3, what load_tensor normalises (client mode)."""
+    img = resize(open_image(source, size=cfg.image_size, max_pixels=max_pixels,
+                            max_decoded_bytes=max_decoded_bytes), cfg)
+    return np.array(img, dtype=np.uint8)
+
+
+def internal_error(error: Exception) -> BadImage:
+    """The 500 of a decoder failure that is no BadImage, worded alike on the server and the client."""
+    return BadImage(500, f"internal error while decoding the image: {type(error).__name__}: {error}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from handler import preprocessing
+from handler import pixel_payload, preprocessing
 
 BadImage = preprocessing.BadImage
 logger = logging.getLogger(__name__)
@@ -115,9 +115,11 @@ def _require_bytes(data: bytes) -> bytes:
 
 def load_row_tensor(row: Any, cfg: preprocessing.PreprocessConfig, max_pixels: int,
                     max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
-    """One request row -> the model's input tensor (3 x H x W); raises BadImage."""
-    return preprocessing.load_tensor(extract_image_bytes(row), cfg, max_pixels=max_pixels,
-                                     max_decoded_bytes=max_decoded_bytes)
+    """One request row (an image file, or the client's resized pixels) -> 3 x H x W; raises BadImage."""
+    data = extract_image_bytes(row)
+    if pixel_payload.is_pixel_payload(data):  # recognised by its magic, whatever the transport
+        return preprocessing.pixels_to_tensor(pixel_payload.decode(data, cfg.image_size), cfg)
+    return preprocessing.load_tensor(data, cfg, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)
 
 
 def decode_row(idx: int, row: Any, cfg: preprocessing.PreprocessConfig, max_pixels: int,
@@ -130,7 +132,7 @@ def decode_row(idx: int, row: Any, cfg: preprocessing.PreprocessConfig, max_pixe
         return e
     except Exception as e:  # noqa: BLE001 - a decoder bug must not fail the other images
         logger.exception("request %d of the batch: unexpected error while decoding", idx)
-        return BadImage(500, f"internal error while decoding the image: {type(e).__name__}: {e}")
+        return preprocessing.internal_error(e)
 
 
 def decode_batch(rows: list, cfg: preprocessing.PreprocessConfig, max_pixels: int,
