@@ -15,8 +15,9 @@ from typing import Iterator
 
 from client.walk import true_label_of
 
+# replica: the fleet entry's name that answered, or HOST:PORT of a single --url
 FIELDS = ("path", "status", "label", "probability", "topk", "error", "http_status", "model",
-          "model_version", "latency_ms")
+          "model_version", "latency_ms", "replica")
 
 
 def ok_row(row: dict, answer: list, topk: int) -> dict:

@@ -1,0 +1,148 @@
+"""Sharded runs: which files shard K of N classifies, and the merge of the shards' outputs.
+
+`classify_dir.py DIR --shard K/N` classifies the files whose relative path hashes to K (0-based,
+as Kubernetes' JOB_COMPLETION_INDEX): each file's shard depends on its path alone, so N clients
+on N machines split one directory without talking to each other, and adding files never moves
+another file to another shard. The merge checks that the shards cover every file exactly once:
+
+    .venv/bin/python scripts/merge_shards.py merged.jsonl shard-*.jsonl --dir DIR
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from client.errors import UserError, run_main
+from client.results import FIELDS, RowWriter, read_rows
+from client.walk import DEFAULT_EXTENSIONS, iter_files
+
+SHOWN = 5  # paths named in an error line; the rest are counted
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N; UserError otherwise."""
+    k, sep, n = text.partition("/")
+    if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+        raise UserError(f"--shard must be K/N with whole numbers, K counted from 0 (e.g. 0/4), not '{text}'")
+    k_, n_ = int(k), int(n)
+    if n_ < 1 or k_ >= n_:
+        raise UserError(f"--shard {text}: K must be 0..N-1 and N >= 1 (shards are counted from 0, "
+                        f"as JOB_COMPLETION_INDEX)")
+    return k_, n_
+
+
+def shard_of(rel: str, shards: int) -> int:
+    """The shard of a relative path: a hash of its UTF-8 bytes (not Python's per-process hash())."""
+    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards
+
+
+def _named(paths: list[str]) -> str:
+    shown = ", ".join(paths[:SHOWN])
+    return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
+
+
+def _typed(row: dict) -> dict:
+    """A row read back from CSV (all text) with JSON's types again; JSONL rows pass unchanged."""
+    out = {k: (None if v == "" else v) for k, v in row.items()}
+    if isinstance(out.get("topk"), str):
+        out["topk"] = json.loads(out["topk"])
+    for key, kind in (("probability", float), ("latency_ms", float), ("http_status", int)):
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = kind(float(out[key])) if kind is int else kind(out[key])
+            except ValueError:
+                pass
+    return out
+
+
+def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
+                 extensions: set[str] | None = None, recursive: bool = True) -> tuple[int, int]:
+    """Check the shards cover each file once (every file under `root` when given); write them merged.
+
+    Returns (files, failed). UserError naming duplicates, missing or foreign files; nothing is
+    written then.
+    """
+    rows: dict[str, dict] = {}
+    where: dict[str, list[str]] = {}
+    for path in inputs:
+        if not path.is_file():
+            raise UserError(f"shard output not found: {path}")
+        if path.resolve() == output.resolve():
+            raise UserError(f"the merged output {output} is also an input: name another file")
+        for row in read_rows(path):
+            rel = row.get("path")
+            if not isinstance(rel, str) or not rel:
+                continue
+            where.setdefault(rel, []).append(path.name)
+            rows.setdefault(rel, _typed(row))
+    duplicates = sorted(rel for rel, names in where.items() if len(names) > 1)
+    if duplicates:
+        raise UserError(f"{len(duplicates)} files have more than one row: " + _named(
+            [f"{rel} ({', '.join(where[rel])})" for rel in duplicates]))
+    if root is not None:
+        if not root.is_dir():
+            raise UserError(f"not a folder: {root}")
+        skip = frozenset({output, *inputs})
+        expected = {p.relative_to(root).as_posix()
+                    for p in iter_files(root, extensions or _extensions(DEFAULT_EXTENSIONS), recursive, skip)}
+        missing = sorted(expected - rows.keys())
+        if missing:
+            raise UserError(f"{len(missing)} files under {root} are in no shard output: {_named(missing)}")
+        foreign = sorted(rows.keys() - expected)
+        if foreign:
+            raise UserError(f"{len(foreign)} rows name files not under {root}: {_named(foreign)}")
+    if not rows:
+        raise UserError(f"no rows in {', '.join(map(str, inputs))}")
+    extra = tuple(sorted({k for row in rows.values() for k in row} - set(FIELDS)))
+    writer = RowWriter(output, FIELDS + extra, append=False)
+    try:
+        for rel in sorted(rows):
+            writer.write(rows[rel])
+    finally:
+        writer.close()
+    return len(rows), sum(row.get("status") != "ok" for row in rows.values())
+
+
+def _extensions(text: str) -> set[str]:
+    return {("." + e.strip().lstrip(".")).lower() for e in text.split(",") if e.strip()}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(description="Merge the outputs of classify_dir.py --shard K/N runs, "
+                                                 "checking that they cover every file exactly once.")
+    parser.add_argument("output", metavar="OUTPUT", help="merged rows: JSONL, or CSV when it ends in .csv")
+    parser.add_argument("inputs", metavar="SHARD_OUTPUT", nargs="+",
+                        help="the shards' outputs (JSONL or CSV)")
+    parser.add_argument("--dir", default=None,
+                        help="the classified DIR: also check that no file under it is missing")
+    parser.add_argument("--extensions", default=DEFAULT_EXTENSIONS,
+                        help="with --dir: the extensions the runs used (default: %(default)s)")
+    parser.add_argument("--no-recursive", action="store_true",
+                        help="with --dir: the runs used --no-recursive")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Merge; exit code 0 all ok, 1 some files failed, 2 the shards do not cover the files once."""
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise UserError(f"output folder not found: {output.parent}")
+    files, failed = merge_shards([Path(p) for p in args.inputs], output, Path(args.dir) if args.dir else None,
+                                 _extensions(args.extensions), not args.no_recursive)
+    covered = f"every file under {args.dir} exactly once" if args.dir else "no file twice"
+    print(f"merge_shards: {len(args.inputs)} outputs, {files} files ({covered}), ok {files - failed}, "
+          f"failed {failed} -> {output}")
+    return 1 if failed else 0
+
+
+def cli() -> None:
+    """The shard merge command (scripts/merge_shards.py)."""
+    run_main(main, get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()

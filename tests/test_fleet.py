@@ -1,0 +1,267 @@
+"""Fleets and shards: the fleet file's errors, the shard hash, the merge; a real fleet of 3 servers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from client import fleet, shards
+from client.errors import ServerUnavailable, UserError
+from tests.conftest import MODEL, PYTHON, REPO, VERSION, archive, make_server, rows_written, wait_for, \
+    write_images
+
+CLIENT = REPO / "scripts" / "classify_dir.py"
+MERGE = REPO / "scripts" / "merge_shards.py"
+
+def load_make_fleet():
+    """deploy/kubernetes/make_fleet.py, a standalone script (not in a package), loaded by its path."""
+    path = REPO / "deploy" / "kubernetes" / "make_fleet.py"
+    spec = importlib.util.spec_from_file_location("make_fleet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_fleet(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def fleet_error(tmp_path: Path, text: str, name: str = "fleet.yaml") -> str:
+    with pytest.raises(UserError) as caught:
+        fleet.load_fleet(write_fleet(tmp_path / name, text))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+ENTRY = "  - name: {name}\n    inference_url: {url}\n    key_file: keys/{name}.json\n"
+
+
+# ---- the fleet file ----
+
+def test_fleet_file_written_by_make_fleet_parses_with_each_replicas_urls_and_key_file(tmp_path):
+    text = load_make_fleet().fleet_yaml(3, "ml")
+    replicas = fleet.load_fleet(write_fleet(tmp_path / "fleet.yaml", text))
+    assert [r.name for r in replicas] == ["ts-0", "ts-1", "ts-2"]
+    assert replicas[2].inference_url == "http://ts-2.ts.ml.svc.cluster.local:8080"
+    assert replicas[2].management_url == "http://ts-2.ts.ml.svc.cluster.local:8081"
+    assert replicas[2].key_file == Path("/keys/ts-2/key_file.json")
+
+
+def test_fleet_file_in_json_defaults_the_management_url_and_anchors_key_files_at_the_file(tmp_path):
+    data = {"replicas": [{"name": "a", "inference_url": "http://127.0.0.1:9100/", "key_file": "k/a.json"}]}
+    (tmp_path / "sub").mkdir()
+    replica, = fleet.load_fleet(write_fleet(tmp_path / "sub" / "fleet.json", json.dumps(data)))
+    assert replica.inference_url == "http://127.0.0.1:9100"
+    assert replica.management_url == "http://127.0.0.1:9101"
+    assert replica.key_file == tmp_path / "sub" / "k" / "a.json"
+
+
+def test_fleet_file_with_bad_yaml_names_the_file_and_line(tmp_path):
+    text = "replicas:\n  - name: a\n    inference_url: http://h:1\n   bad: [unclosed\n"
+    message = fleet_error(tmp_path, text)
+    assert re.search(r"fleet\.yaml:\d+: not valid YAML", message), message
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[]\n", "expected a mapping with a list 'replicas:'"),
+    ("replicas: []\n", "'replicas' is empty"),
+    ("replicas:\n  - just-a-string\n", "replicas[0]: expected a mapping"),
+    ("replicas:\n  - name: a\n", "replica 'a' (replicas[0]): inference_url must be a URL"),
+    ("replicas:\n  - inference_url: http://h:1\n", "replicas[0]: name must be"),
+    ("replicas:\n  - name: a\n    inference_url: http://h:1\n    keyfile: k.json\n",
+     "unknown key(s) ['keyfile']"),
+])
+def test_fleet_file_with_missing_or_unknown_keys_names_the_entry(tmp_path, text, needle):
+    assert needle in fleet_error(tmp_path, text)
+
+
+def test_fleet_file_with_duplicate_names_or_urls_names_both_entries(tmp_path):
+    same_name = "replicas:\n" + ENTRY.format(name="a", url="http://h:1") + ENTRY.format(name="a",
+                                                                                      url="http://h:3")
+    assert "replicas[0] and replicas[1] have the same name 'a'" in fleet_error(tmp_path, same_name)
+    same_url = "replicas:\n" + ENTRY.format(name="a", url="http://h:1") + ENTRY.format(name="b",
+                                                                                     url="http://h:1/")
+    message = fleet_error(tmp_path, same_url)
+    assert "replicas[0] and replicas[1] have the same inference_url 'http://h:1'" in message
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("ftp://h:1", "must be an http(s) URL with a host"),
+    ("http://:8080", "must be an http(s) URL with a host"),
+    ("http://h:99999", "invalid port"),
+    ("http://h:8080/predictions/tiny", "without a path"),
+    ("8080", "must be a URL such as http://HOST:PORT, got 8080"),
+    ("localhost:8080", "must be an http(s) URL with a host"),
+])
+def test_fleet_file_with_a_bad_url_names_the_replica(tmp_path, url, needle):
+    message = fleet_error(tmp_path, "replicas:\n" + ENTRY.format(name="ts-1", url=url))
+    assert "replica 'ts-1' (replicas[0]): inference_url" in message and needle in message
+
+
+def test_fleet_file_missing_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="cannot read the fleet file"):
+        fleet.load_fleet(tmp_path / "nope.yaml")
+
+
+# ---- the shard hash ----
+
+def test_shard_hash_is_deterministic_across_processes():
+    paths = [f"class{i % 7}/img_{i:05d}.jpg" for i in range(50)]
+    here = [shards.shard_of(p, 4) for p in paths]
+    code = f"from client.shards import shard_of; print([shard_of(p, 4) for p in {paths!r}])"
+    other = subprocess.run([str(PYTHON), "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123"}, cwd=REPO)
+    assert json.loads(other.stdout) == here
+
+
+def test_shard_hash_is_stable_when_files_are_added():
+    before = {f"a/{i}.png": shards.shard_of(f"a/{i}.png", 5) for i in range(2000)}
+    added = [f"b/new_{i}.png" for i in range(1000)]
+    after = {p: shards.shard_of(p, 5) for p in [*before, *added]}
+    assert all(after[p] == k for p, k in before.items())
+
+
+def test_shard_hash_is_roughly_balanced():
+    counts = Counter(shards.shard_of(f"dir{i // 100}/{i:06d}.jpg", 4) for i in range(20000))
+    # 5000 expected per shard; a binomial's standard deviation is 61 here, so 5 % (250) is > 4 sigma
+    assert set(counts) == {0, 1, 2, 3}
+    assert all(abs(n - 5000) <= 250 for n in counts.values()), counts
+
+
+@pytest.mark.parametrize("text", ["4/4", "-1/4", "1", "a/b", "0/0", "1/0", "1/2/3"])
+def test_shard_outside_0_to_n_minus_1_is_a_usage_error(text):
+    with pytest.raises(UserError) as caught:
+        shards.parse_shard(text)
+    assert "--shard" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_shard_0_based_k_of_n_parses():
+    assert shards.parse_shard("0/4") == (0, 4) and shards.parse_shard("3/4") == (3, 4)
+
+
+# ---- the merge ----
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def ok(rel: str, replica: str = "ts-0") -> dict:
+    return {"path": rel, "status": "ok", "label": "red", "probability": 0.9,
+            "topk": [{"label": "red", "index": 0, "probability": 0.9}], "error": None, "http_status": 200,
+            "model": "tiny", "model_version": "1.0", "latency_ms": 3.0, "replica": replica}
+
+
+def run_merge(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), str(MERGE), *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_merge_names_files_with_two_rows_and_writes_nothing(tmp_path):
+    a = write_rows(tmp_path / "s0.jsonl", [ok("x.png"), ok("y.png")])
+    b = write_rows(tmp_path / "s1.jsonl", [ok("y.png"), ok("z.png")])
+    done = run_merge(tmp_path / "merged.jsonl", a, b)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: 1 files have more than one row: y.png (s0.jsonl, s1.jsonl)"
+    assert not (tmp_path / "merged.jsonl").exists()
+
+
+def test_merge_with_dir_names_missing_files(tmp_path):
+    images = tmp_path / "images"
+    a = write_rows(tmp_path / "s0.jsonl", [ok(p) for p in sorted(write_images(images, 6))[:4]])
+    done = run_merge(tmp_path / "merged.jsonl", a, "--dir", images)
+    assert done.returncode == 2
+    assert "2 files under" in done.stderr
+    assert "are in no shard output: red/0000.png, red/0003.png" in done.stderr
+
+
+def test_merge_of_jsonl_and_csv_shards_writes_every_row_once_typed_and_exit_1_on_failed_files(tmp_path):
+    from client.results import FIELDS, RowWriter
+    a = write_rows(tmp_path / "s0.jsonl", [ok("b.png", "ts-1")])
+    writer = RowWriter(tmp_path / "s1.csv", FIELDS, append=False)
+    writer.write(ok("a.png", "ts-2"))
+    writer.write({**ok("c.png"), "status": "error", "label": None, "probability": None, "topk": None,
+                  "error": "undecodable", "http_status": 400})
+    writer.close()
+    done = run_merge(tmp_path / "merged.jsonl", a, tmp_path / "s1.csv")
+    assert done.returncode == 1, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "merged.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows] == ["a.png", "b.png", "c.png"]
+    assert rows[0] == ok("a.png", "ts-2")  # CSV text back to numbers and a topk list
+    assert rows[2]["http_status"] == 400 and rows[2]["probability"] is None
+    assert "3 files" in done.stdout and "failed 1" in done.stdout
+
+
+# ---- the balancer, with fake replicas ----
+
+class FakeSender:
+    """A replica's classifier: answers after `delay`, or raises ServerUnavailable while `down`."""
+
+    def __init__(self, delay: float = 0.0):
+        self.abort = threading.Event()
+        self.delay, self.down, self.calls = delay, False, 0
+
+    def classify(self, path, rel):
+        self.calls += 1
+        time.sleep(self.delay)
+        if self.down:
+            raise ServerUnavailable("server unreachable")
+        return {"path": rel, "status": "ok"}, None
+
+
+def fake_fleet(senders: list[FakeSender], probe, per_replica: int = 2,
+               grace: float = 30.0) -> fleet.FleetSender:
+    states = []
+    for i, sender in enumerate(senders):
+        url = f"http://127.0.0.1:{9100 + 2 * i}"
+        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url), None)
+        states.append(fleet.ReplicaState(replica, replica.api(), sender))
+    return fleet.FleetSender(states, per_replica, probe_interval=0.05, grace=grace, probe=probe)
+
+
+def test_fleet_sender_moves_files_off_a_failed_replica_and_probes_it_back_in():
+    senders = [FakeSender(), FakeSender()]
+    senders[1].down = True
+    up = threading.Event()
+    sender = fake_fleet(senders, probe=lambda s: None if up.is_set() else "down")
+    rows = [sender.classify(Path("x"), f"{i}.png")[0] for i in range(6)]
+    assert {r["replica"] for r in rows} == {"r0"} and sender.states[1].taken_out == 1
+    senders[1].down = False
+    up.set()
+    assert wait_for(lambda: sender.states[1].healthy, 5)
+    rows = [sender.classify(Path("x"), f"{i}.png")[0] for i in range(4)]
+    assert "r1" in {r["replica"] for r in rows}  # back in: ties go to the replica that was sent least
+    sender.abort.set()
+
+
+def test_fleet_sender_stops_with_the_reasons_when_every_replica_stays_out():
+    senders = [FakeSender(), FakeSender()]
+    senders[0].down = senders[1].down = True
+    sender = fake_fleet(senders, probe=lambda s: "no answer", grace=0.3)
+    with pytest.raises(ServerUnavailable, match=r"no replica of the fleet answered .*r0: server unreachable"):
+        sender.classify(Path("x"), "a.png")
+    sender.abort.set()
+
+
+def test_fleet_sender_prefers_the_replica_with_fewest_in_flight():
+    senders = [FakeSender(delay=0.3), FakeSender(delay=0.01)]
+    sender = fake_fleet(senders, probe=lambda s: None, per_replica=4)
+    threads = [threading.Thread(target=sender.classify, args=(Path("x"), f"{i}.png")) for i in range(40)]
+    for t in threads:
+        t.start()
+        time.sleep(0.005)
+    for t in threads:
+        t.join()
+    # the slow replica holds its requests 30x longer, so the fast one answers most files
+    assert senders[1].calls > 2 * senders[0].calls, (senders[0].calls, senders[1].calls)
+    sender.abort.set()
