@@ -5,7 +5,9 @@ One run, one model.pt (resnet18 at 224x224, random fixed-seed weights), two imag
 of --runs runs taken in interleaved rounds so that drift on a shared machine hits all three:
   limit   decode + preprocess + batched inference in this process (handler/preprocessing.py,
           handler/batch_inference.py), at the best of --batch-sizes;
-  served  scripts/classify_dir.py against TorchServe with this project's .mar (scripts/archive.sh);
+  served  scripts/classify_dir.py --preprocess server against TorchServe with this project's .mar
+          (scripts/archive.sh): the files are sent, the handler decodes them;
+  client  the same with --preprocess client: classify_dir.py decodes and resizes, sends uint8 pixels;
   stock   TorchServe's stock image_classifier handler on the same model.pt, one request at a time.
 
     .venv/bin/python scripts/benchmark.py          # `make bench`: table, docs/benchmark.md and .png
@@ -45,7 +47,8 @@ from benchmarks.report import (
 )
 from client.local_server import LocalServer
 from client.results import percentile
-from client.torchserve import Keys, new_session
+from client import pixels
+from client.torchserve import Keys, TorchServe, new_session
 from handler import batch_inference, preprocessing, request_decoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +67,7 @@ class Result:
     p50_ms: float
     p95_ms: float
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU time per image, by process
+    request_bytes: float | None = None  # request body bytes per image (served paths)
 
 
 class CpuMeter:
@@ -94,31 +98,42 @@ def median_result(results: list[Result]) -> Result:
     """Each figure the median of the runs' figures."""
     figures = (statistics.median(getattr(r, f) for r in results) for f in ("images_s", "p50_ms", "p95_ms"))
     cpu = {part: statistics.median(r.cpu_ms[part] for r in results) for part in results[0].cpu_ms}
-    return Result(*figures, cpu)
+    return Result(*figures, cpu, results[0].request_bytes)
 
 
 def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.PreprocessConfig,
                   labels: list[str], batch_size: int, pool: Executor | None) -> Result:
     """The handler's own steps in this process, batch by batch: read, decode (in `pool`), forward, top-k.
 
-    An image's latency is its batch's.
+    Pipelined as a real pipeline on this many cores runs: the next batch decodes while the model
+    runs the current one. An image's latency is its batch's, from the start of its decoding.
     """
     latencies: list[float] = []
     device = torch.device("cpu")
+    batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
 
     def predict(tensors: list[torch.Tensor]) -> list[list[dict]]:
         return batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, False), 5, labels)
 
+    def decode(batch: list[Path]) -> tuple[float, list]:
+        rows = [{"body": path.read_bytes()} for path in batch]
+        return time.perf_counter(), request_decoding.decode_batch(rows, cfg, preprocessing.DEFAULT_MAX_PIXELS,
+                                                                  pool)
+
     meter = CpuMeter()
     started = time.perf_counter()
-    for i in range(0, len(files), batch_size):
-        batch_started = time.perf_counter()
-        rows = [{"body": path.read_bytes()} for path in files[i:i + batch_size]]
-        items = request_decoding.decode_batch(rows, cfg, preprocessing.DEFAULT_MAX_PIXELS, pool)
-        answers = batch_inference.answer_batch(items, predict)
-        if not all(isinstance(a, list) for a in answers):
-            raise RuntimeError(f"limit: an image of {[p.name for p in files[i:i + batch_size]]} failed")
-        latencies += [(time.perf_counter() - batch_started) * 1000] * len(rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+        upcoming = prefetch.submit(decode, batches[0])
+        for i, batch in enumerate(batches):
+            batch_started = time.perf_counter() if i == 0 else decoding_started
+            _, items = upcoming.result()
+            decoding_started = time.perf_counter()
+            if i + 1 < len(batches):
+                upcoming = prefetch.submit(decode, batches[i + 1])
+            answers = batch_inference.answer_batch(items, predict)
+            if not all(isinstance(a, list) for a in answers):
+                raise RuntimeError(f"limit: an image of {[p.name for p in batch]} failed")
+            latencies += [(time.perf_counter() - batch_started) * 1000] * len(batch)
     elapsed = time.perf_counter() - started
     return Result(len(files) / elapsed, percentile(latencies, 50), percentile(latencies, 95),
                   meter.per_image(len(files), ("this process",)))
@@ -131,20 +146,34 @@ def limit_pool() -> Executor | None:
 
 
 def measure_served(server: LocalServer, model: str, folder: Path, count: int, output: Path,
-                   concurrency: int | None) -> Result:
+                   concurrency: int | None, preprocess: str = "server") -> Result:
     """scripts/classify_dir.py over the folder; its own summary line gives the figures."""
     command = [str(assets.PYTHON), str(ROOT / "scripts" / "classify_dir.py"), str(folder), "--model", model,
-               "--url", server.inference_url, "--token-file", str(server.key_file), "--output", str(output)]
+               "--url", server.inference_url, "--management-url", server.management_url,
+               "--token-file", str(server.key_file), "--output", str(output), "--preprocess", preprocess]
     if concurrency:
         command += ["--concurrency", str(concurrency)]
     meter = CpuMeter(server)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     cpu = meter.per_image(count, ("client", "frontend (Java)", "workers"))
     match = SUMMARY.search(result.stdout)
-    if result.returncode != 0 or not match or int(match[1]) != count:
-        raise RuntimeError(f"classify_dir.py failed (exit {result.returncode}):\n"
+    if result.returncode != 0 or not match or int(match[1]) != count or f"(preprocess {preprocess})" \
+            not in result.stdout:
+        raise RuntimeError(f"classify_dir.py --preprocess {preprocess} failed (exit {result.returncode}):\n"
                            f"{result.stdout}{result.stderr}")
     return Result(float(match[3]), float(match[5]), float(match[6]), cpu)
+
+
+def request_bytes(files: list[Path], server: LocalServer, model: str, preprocess: str) -> float:
+    """Mean request body per image: the file (server mode), or the pixels classify_dir.py makes of it."""
+    if preprocess == "server":
+        return statistics.mean(path.stat().st_size for path in files)
+    settings = pixels.fetch_settings(TorchServe(server.inference_url, server.management_url,
+                                                Keys(server.key_file, server.management_url)), model, None)
+    if settings is None:
+        raise RuntimeError(f"model {model} exposes no preprocessing settings")
+    prepare = pixels.ClientPreprocessor(settings)
+    return statistics.mean(len(prepare(path.read_bytes())[0]) for path in files)
 
 
 def measure_stock(server: LocalServer, model: str, files: list[Path]) -> Result:
@@ -172,13 +201,13 @@ def measure_stock(server: LocalServer, model: str, files: list[Path]) -> Result:
 def parse_spec(spec: str) -> dict:
     """'name=x,batch=16,delay=5,workers=2,threads=1,concurrency=32,handler=REV,cfg.K=V,ts.K=V,env.K=V'."""
     variant: dict = {"name": spec or "as is", "model_config": {}, "ts": {}, "env": {}, "concurrency": None,
-                     "handler": None}
+                     "handler": None, "preprocess": "server"}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, sep, raw = item.partition("=")
         if not sep:
             raise SystemExit(f"error: --tune {spec!r}: '{item}' is not KEY=VALUE")
         value = yaml.safe_load(raw)
-        if key in ("name", "handler"):
+        if key in ("name", "handler", "preprocess"):
             variant[key] = raw
         elif key == "concurrency":
             variant["concurrency"] = int(value)
@@ -230,7 +259,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-stock", action="store_true", help="skip the stock handler")
     parser.add_argument("--tune", nargs="+", metavar="SPEC", default=None,
                         help="measure served variants beside the current one, e.g. 'workers=2,threads=1' "
-                             "(keys: name batch delay workers threads concurrency handler=REV|DIR "
+                             "(keys: name batch delay workers threads concurrency preprocess handler=REV|DIR "
                              "cfg.KEY ts.KEY env.NAME); prints a table, writes no docs")
     parser.add_argument("--limit-batch-size", type=int, default=16, help="--tune: the limit's batch size")
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "benchmark.md"), help="Markdown to update")
@@ -304,11 +333,19 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
                        args.concurrency)
     if "stock" in servers:
         measure_stock(servers["stock"], "stock", files)
-    runs: dict[str, list[Result]] = {"limit": [], "served": [], "stock": []}
+    for _ in range(WARMUP_PASSES):
+        measure_served(servers["served"], "bench", folder, count, bench.out / "warmup.jsonl",
+                       args.concurrency, "client")
+    runs: dict[str, list[Result]] = {"limit": [], "served": [], "client": [], "stock": []}
+    sent = {mode: request_bytes(files, servers["served"], "bench", mode) for mode in ("server", "client")}
     for i in range(args.runs):
         runs["limit"].append(bench.limit(files, best))
         runs["served"].append(measure_served(servers["served"], "bench", folder, count,
                                              bench.out / f"served-{name}-{i}.jsonl", args.concurrency))
+        runs["client"].append(measure_served(servers["served"], "bench", folder, count,
+                                             bench.out / f"client-{name}-{i}.jsonl", args.concurrency,
+                                             "client"))
+        runs["served"][-1].request_bytes, runs["client"][-1].request_bytes = sent["server"], sent["client"]
         if "stock" in servers:
             runs["stock"].append(measure_stock(servers["stock"], "stock", files))
         done = ", ".join(f"{p} {r[-1].images_s:.1f}/s" for p, r in runs.items() if r)
@@ -321,16 +358,26 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
         warning = (f"{SET_TITLES[name]}: runs of one path differ up to {spread:.2f}x (load average "
                    f"{load_average()}): the machine was busy; rerun for clean figures")
         print(f"warning: {warning}", flush=True)
-    labels = {"limit": f"limit (in-process, batch {best})", "served": "served (this project)",
+    labels = {"limit": f"limit (in-process, pipelined, batch {best})",
+              "served": "served, --preprocess server", "client": "served, --preprocess client",
               "stock": "stock image_classifier"}
     rows = []
     for path, result in medians.items():
         row = {"set": name, "images": count, "path": path, "label": labels[path], **asdict(result)}
-        if path == "served":
+        if path in ("served", "client"):
             row["served_limit"] = result.images_s / medians["limit"].images_s
             row["served_stock"] = result.images_s / medians["stock"].images_s if "stock" in medians else None
+        if path == "client":  # issue 12's targets: against server mode on the same server
+            server_mode = medians["served"]
+            row["fewer_bytes"] = server_mode.request_bytes / result.request_bytes
+            row["server_cpu_share"] = server_cpu(result) / server_cpu(server_mode)
         rows.append(row)
     return rows, sweep, warning
+
+
+def server_cpu(result: Result) -> float:
+    """CPU ms per image of the server's processes: the Java frontend and the workers."""
+    return result.cpu_ms["frontend (Java)"] + result.cpu_ms["workers"]
 
 
 def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[int, float]],
@@ -347,7 +394,7 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
     block = [f"## Results (`make bench`, {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.1f} min)", "",
              f"Machine: {machine}; load average at the end {load_average()}.  ",
              f"Model: {args.arch} at {args.image_size}x{args.image_size}, 10 classes, random fixed-seed "
-             f"weights, one model.pt for all three paths.  ",
+             f"weights, one model.pt for every path.  ",
              f"Served: {served_settings()}; classify_dir.py --concurrency "
              f"{args.concurrency or 'default (16)'}.  ",
              "Stock: image_classifier handler, batch size 1, config.properties' default workers, "
@@ -360,9 +407,9 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
              f"![images/s per path]({Path(args.chart).name})"]
     write_markdown(Path(args.markdown), "\n".join(block))
     write_chart(rows, Path(args.chart), f"{args.arch} {args.image_size}px, {machine.split(' (')[0]}")
-    served = [r for r in rows if r["path"] == "served"]
+    served = [r for r in rows if r["path"] in ("served", "client")]
     print("benchmark: " + "; ".join(
-        f"{r['set']} served {r['images_s']:.1f}/s = {r['served_limit']:.2f}x limit"
+        f"{r['set']} {r['label']} {r['images_s']:.1f}/s = {r['served_limit']:.2f}x limit"
         + (f", {r['served_stock']:.2f}x stock" if r.get("served_stock") else "") for r in served)
         + f"; {args.markdown}, {args.chart}; {elapsed / 60:.1f} min")
 
@@ -406,7 +453,7 @@ def tune(args: argparse.Namespace, run_dir: Path, sets: dict[str, list[Path]], s
             for i, (server, variant) in enumerate(zip(servers, variants, strict=True)):  # warm-up
                 for _ in range(WARMUP_PASSES):
                     measure_served(server, f"tune{i}", folder, len(files), bench.out / "warmup.jsonl",
-                                   variant["concurrency"])
+                                   variant["concurrency"], variant["preprocess"])
             runs: list[list[Result]] = [[] for _ in variants]
             limit: list[Result] = []
             for r in range(args.runs):
@@ -414,7 +461,7 @@ def tune(args: argparse.Namespace, run_dir: Path, sets: dict[str, list[Path]], s
                 for i, (server, variant) in enumerate(zip(servers, variants, strict=True)):
                     output = bench.out / f"tune-{name}-{i}.jsonl"
                     runs[i].append(measure_served(server, f"tune{i}", folder, len(files), output,
-                                                  variant["concurrency"]))
+                                                  variant["concurrency"], variant["preprocess"]))
                 done = ", ".join(f"{v['name']} {x[-1].images_s:.1f}/s"
                                  for v, x in zip(variants, runs, strict=True))
                 print(f"{name} round {r + 1}: limit {limit[-1].images_s:.1f}/s, {done}; "

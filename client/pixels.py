@@ -7,7 +7,9 @@ client: this process decodes, orients (EXIF), converts and resizes each file wit
         settings (preprocess.json and the decoding limits, read from TorchServe's describe with
         customized=true), and sends uint8 pixels as .npy (handler/pixel_payload.py): for a
         224x224 model about 150 KB a file, whatever the file's size. The handler normalises them.
-auto:   client when the model exposes its settings, else server.
+auto:   client when the model exposes its settings, else server; and in client mode a file
+        already smaller than its pixels would be (a 1.4 KB 32x32 PNG against 150 KB of 224x224
+        pixels) is sent as it is, since the pixels would only add bytes to the request.
 
 A file this process cannot decode gets the error the server would give (the same open_image
 check, so the same message and HTTP code), without a request.
@@ -18,6 +20,8 @@ import json
 import logging
 from dataclasses import dataclass
 from typing import Callable
+
+import numpy as np
 
 from client.errors import Refused, ServerUnavailable, UserError
 from client.torchserve import TorchServe
@@ -80,15 +84,20 @@ def fetch_settings(server: TorchServe, model: str, version: str | None) -> Pixel
 
 
 class ClientPreprocessor:
-    """Client mode's prepare hook: a file's bytes -> (.npy of its resized pixels, content type)."""
+    """Client mode's prepare hook: a file's bytes -> (.npy of its resized pixels, content type).
 
-    def __init__(self, settings: PixelSettings):
-        self.settings = settings
+    Files under `min_file_bytes` go as they are (auto: smaller than the pixel payload).
+    """
+
+    def __init__(self, settings: PixelSettings, min_file_bytes: int = 0):
+        self.settings, self.min_file_bytes = settings, min_file_bytes
         # The handler sets Pillow's bomb limit from max_pixels; the same limit here words the same refusal.
         preprocessing.configure_pillow(settings.max_pixels)
 
     def __call__(self, data: bytes) -> tuple[bytes, str]:
         s = self.settings
+        if len(data) < self.min_file_bytes:
+            return send_file(data)
         try:
             pixels = preprocessing.load_pixels(data, s.cfg, s.max_pixels, s.max_decoded_bytes)
         except BadImage:
@@ -115,4 +124,9 @@ def choose(mode: str, server: TorchServe, model: str, version: str | None) -> tu
                             f"use --preprocess server")
         logger.info("--preprocess auto: sending files, %s", why)
         return "server", send_file
-    return "client", ClientPreprocessor(settings)
+    if mode == "client":
+        return "client", ClientPreprocessor(settings)
+    payload_bytes = len(pixel_payload.encode(np.zeros(pixel_payload.expected_shape(settings.cfg.image_size),
+                                                      np.uint8)))
+    return (f"client, files under {payload_bytes:,} bytes as they are",
+            ClientPreprocessor(settings, min_file_bytes=payload_bytes))

@@ -170,7 +170,8 @@ def test_handle_answers_a_pixel_payload_as_it_answers_the_file(handler):
 
 def run_client_module(server, directory: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     """scripts/classify_dir.py against the session's server."""
-    command = [str(PYTHON), str(REPO / "scripts" / "classify_dir.py"), str(directory), "--model", server.model,
+    command = [str(PYTHON), str(REPO / "scripts" / "classify_dir.py"), str(directory),
+               "--model", server.model,
                "--url", server.inference_url, "--management-url", server.management_url,
                "--token-file", str(server.key_file), "--output", str(output), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -195,11 +196,17 @@ def test_auto_falls_back_to_server_mode_when_the_handler_exposes_nothing():
         pixels.choose("client", stock, "m", None)
 
 
-def test_auto_uses_client_mode_when_the_handler_exposes_settings(handler):
+def test_auto_uses_client_mode_when_the_handler_exposes_settings_and_sends_smaller_files_as_they_are(
+        handler):
     served, _ = handler
     ours = FakeServer([{"customizedMetadata": json.dumps(served.describe_handle())}])
     mode, prepare = pixels.choose("auto", ours, "m", None)
-    assert mode == "client" and prepare.settings == SETTINGS
+    assert mode == "client, files under 320 bytes as they are" and prepare.settings == SETTINGS
+    small, large = zoo_files()["one_pixel.png"][0], zoo_files()["exif_orientation_6.jpg"][0]
+    assert len(small) < 320 < len(large)  # 8x8x3 pixels and a 128-byte .npy header
+    assert prepare(small) == (small, "application/octet-stream")
+    assert prepare(large) == pixels.ClientPreprocessor(SETTINGS)(large)
+    assert pixels.choose("client", ours, "m", None)[1](small)[1] == "application/x-npy"
 
 
 def test_zoo_gets_the_same_rows_in_client_and_server_mode(server, tmp_path):
@@ -214,14 +221,15 @@ def test_zoo_gets_the_same_rows_in_client_and_server_mode(server, tmp_path):
         result = run_client_module(server, tmp_path / "zoo", output, "--preprocess", mode,
                                    "--extensions", "jpg,png,gif,webp,txt,html,pdf")
         assert result.returncode == 1, result.stderr  # the zoo holds bad files
-        expected = "client" if mode == "auto" else mode
-        assert f"(preprocess {expected})" in result.stdout
+        resolved = "client, " if mode == "auto" else mode  # auto: client, small files as they are
+        assert f"(preprocess {resolved}" in result.stdout
         rows[mode] = {r["path"]: r for r in map(json.loads, output.read_text().splitlines())}
     assert set(rows["server"]) == set(rows["client"]) and len(rows["server"]) == len(zoo_files()) + 3
     for path, by_server in rows["server"].items():
         by_client = rows["client"][path]
         assert by_client["status"] == by_server["status"], path
-        assert (by_client["error"], by_client["http_status"]) == (by_server["error"], by_server["http_status"])
+        for key in ("error", "http_status"):  # refused here with the server's own words and code
+            assert by_client[key] == by_server[key], (path, key)
         if by_server["status"] == "ok":
             assert [a["label"] for a in by_client["topk"]] == [a["label"] for a in by_server["topk"]]
             for a, b in zip(by_client["topk"], by_server["topk"], strict=True):
