@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from client import pixels
 from client.errors import ServerUnavailable, UserError, run_main
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
 from client.sending import Classifier, VersionTracker, check_workers, resolve_model, wait_for_server
@@ -54,6 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "max_request_size, 64 MiB in config.properties (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the output's ok rows, classify only the other files")
+    parser.add_argument("--preprocess", choices=pixels.MODES, default=pixels.DEFAULT_MODE,
+                        help="who decodes and resizes: client (here, with the served model's own settings; "
+                             "sends small uint8 pixels), server (sends the files), auto (client when the "
+                             "model exposes its settings) (default: %(default)s)")
     parser.add_argument("--class-folders", action="store_true",
                         help="DIR/<label>/...: report accuracy, precision/recall and a confusion matrix")
     return parser
@@ -82,9 +87,10 @@ def main(args: argparse.Namespace) -> int:
     wait_for_server(server, args.retries)
     model = resolve_model(args, server)
     check_workers(server, model, args.version)
+    preprocess_mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
     versions = VersionTracker(server, model, args.version)
     classifier = Classifier(server, model, args.version, versions, topk=args.topk, retries=args.retries,
-                            timeout=args.timeout, max_bytes=args.max_request_size)
+                            timeout=args.timeout, max_bytes=args.max_request_size, prepare=prepare)
     stats = Stats()
     done = keep_finished_rows(output, fields, stats) if args.resume else set()
     writer = RowWriter(output, fields, append=args.resume)
@@ -152,7 +158,8 @@ def main(args: argparse.Namespace) -> int:
         print(report_class_metrics(stats, png))
     if fatal is not None:
         raise ServerUnavailable(f"{fatal}; {stats.files} rows kept in {output}: rerun with --resume to finish")
-    print(f"classify_dir: {stats.ok}/{stats.files} ok with {model} -> {output}")
+    print(f"classify_dir: {stats.ok}/{stats.files} ok with {model} -> {output} "
+          f"(preprocess {preprocess_mode})")
     return 1 if failed else 0
 
 
