@@ -265,6 +265,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "benchmark.md"), help="Markdown to update")
     parser.add_argument("--chart", default=str(ROOT / "docs" / "benchmark.png"), help="bar chart to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the photo crops")
+    parser.add_argument("--fleet-overhead", action="store_true",
+                        help="only classify_dir.py --fleet (one replica) against --url on the PNGs "
+                             "(benchmarks/fleet.py; --pngs, --runs); prints a table, writes no docs")
     return parser
 
 
@@ -415,6 +418,9 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.fleet_overhead:
+        from benchmarks import fleet  # imports this module: loaded only when asked for
+        return fleet.main(args)
     started = time.perf_counter()
     print(f"benchmark: {machine_description()}; load average {load_average()}", flush=True)
     run_dir, sets, store, bench = prepare(args)

@@ -16,14 +16,17 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
 from client import pixels
 from client.errors import ServerUnavailable, UserError, run_main
+from client.fleet import first_healthy, load_fleet, probe_replicas, start_fleet
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
 from client.sending import Classifier, VersionTracker, check_workers, resolve_model, wait_for_server
-from client.torchserve import TorchServe, add_server_flags
+from client.shards import parse_shard, shard_of
+from client.torchserve import DEFAULT_INFERENCE_URL, TorchServe, add_server_flags
 from client.walk import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, true_label_of
 
 
@@ -35,6 +38,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default=None,
                         help="model version (default: the server's default version)")
     add_server_flags(parser)
+    parser.add_argument("--fleet", default=None, metavar="FILE",
+                        help="fleet file (YAML or JSON): spread the files over its replicas, each with its "
+                             "own URLs and key file, instead of --url")
+    parser.add_argument("--shard", default=None, metavar="K/N",
+                        help="classify only shard K of N (K from 0) of DIR's files, chosen by a hash of "
+                             "each relative path; merge the outputs with scripts/merge_shards.py")
     parser.add_argument("--output", default="results.jsonl",
                         help="result rows: JSONL, or CSV when the name ends in .csv (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16,
@@ -77,29 +86,53 @@ def main(args: argparse.Namespace) -> int:
     extensions = {("." + e.strip().lstrip(".")).lower() for e in args.extensions.split(",") if e.strip()}
     if not extensions:
         raise UserError("--extensions names no extension")
+    shard = parse_shard(args.shard) if args.shard else None
+    if args.fleet and (args.url != DEFAULT_INFERENCE_URL or args.management_url or args.token_file):
+        raise UserError("--fleet names each replica's URLs and key file: drop --url, --management-url "
+                        "and --token-file")
     output = Path(args.output)
-    server = TorchServe.from_args(args, timeout=args.timeout)
+    replicas = load_fleet(args.fleet) if args.fleet else None
+    server = TorchServe.from_args(args, timeout=args.timeout) if replicas is None else None
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
     fields = FIELDS + (("true_label",) if args.class_folders else ())
     png = output.with_name(output.stem + ".confusion.png")
 
-    wait_for_server(server, args.retries)
+    if replicas is None:
+        wait_for_server(server, args.retries)
+    else:
+        states = probe_replicas(replicas, args.timeout)
+        server = first_healthy(states, args.fleet)  # every replica serves the same model
     model = resolve_model(args, server)
     check_workers(server, model, args.version)
     preprocess_mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
-    versions = VersionTracker(server, model, args.version)
-    classifier = Classifier(server, model, args.version, versions, topk=args.topk, retries=args.retries,
-                            timeout=args.timeout, max_bytes=args.max_request_size, prepare=prepare)
+
+    def make_classifier(server: TorchServe) -> Classifier:
+        versions = VersionTracker(server, model, args.version)
+        return Classifier(server, model, args.version, versions, topk=args.topk, retries=args.retries,
+                          timeout=args.timeout, max_bytes=args.max_request_size, prepare=prepare)
+
+    if replicas is None:
+        classifier, capacity = make_classifier(server), args.concurrency
+        replica = urlsplit(server.url).netloc  # rows of a single --url name its HOST:PORT
+    else:  # --concurrency in flight per replica; a replica failing the model checks starts out
+        classifier = start_fleet(states, args.concurrency, make_classifier,
+                                 lambda s: check_workers(s, model, args.version), args.fleet)
+        capacity, replica = args.concurrency * len(replicas), None
     stats = Stats()
     done = keep_finished_rows(output, fields, stats) if args.resume else set()
+    outside = sorted(p for p in done if shard and shard_of(p, shard[1]) != shard[0])
+    if outside:
+        raise UserError(f"{output} has rows of files outside shard {args.shard} (e.g. {outside[0]}): "
+                        f"written with another --shard? give each shard its own --output")
     writer = RowWriter(output, fields, append=args.resume)
     skip = frozenset({output, png})  # matched by file identity: DIR may be relative, or reach them by a link
     started = time.perf_counter()
     fatal, interrupted = None, False
     bar = tqdm(unit="file", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    pool = ThreadPoolExecutor(args.concurrency, thread_name_prefix="classify")
+    pool = ThreadPoolExecutor(capacity, thread_name_prefix="classify")
     pending: set = set()
+    walked = 0
 
     def collect() -> None:
         nonlocal pending, fatal
@@ -114,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
             if result is None:
                 continue
             row, reason = result
+            row.setdefault("replica", replica)
             if args.class_folders:
                 row["true_label"] = true_label_of(row["path"])
             writer.write(row)
@@ -124,9 +158,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         for path in iter_files(root, extensions, not args.no_recursive, skip):
             rel = path.relative_to(root).as_posix()
-            if rel in done:
+            walked += 1
+            if rel in done or (shard and shard_of(rel, shard[1]) != shard[0]):
                 continue
-            while len(pending) >= args.concurrency and fatal is None:
+            while len(pending) >= capacity and fatal is None:
                 collect()
             if fatal is not None:
                 break
@@ -144,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
         writer.close()
         bar.close()
     elapsed = time.perf_counter() - started
-    if stats.files == 0 and fatal is None:
+    if walked == 0 and fatal is None:
         raise UserError(f"no files with extensions {','.join(sorted(extensions))} under {root}")
 
     failed = sum(stats.failed.values())
@@ -154,11 +189,14 @@ def main(args: argparse.Namespace) -> int:
           + f", ok {stats.ok}, failed {failed}" + (f" ({reasons})" if reasons else "")
           + f"; {run_files / max(elapsed, 1e-9):.1f} images/s over {elapsed:.1f}s; latency ms "
           f"p50 {stats.percentile(50):.1f} p95 {stats.percentile(95):.1f} p99 {stats.percentile(99):.1f}")
+    if replicas is not None:
+        print("\n".join(classifier.summary(elapsed)))
     if args.class_folders and fatal is None:
         print(report_class_metrics(stats, png))
     if fatal is not None:
         raise ServerUnavailable(f"{fatal}; {stats.files} rows kept in {output}: rerun with --resume to finish")
-    print(f"classify_dir: {stats.ok}/{stats.files} ok with {model} -> {output} "
+    print(f"classify_dir: {stats.ok}/{stats.files} ok with {model}"
+          + (f", shard {args.shard} of {walked} files" if shard else "") + f" -> {output} "
           f"(preprocess {preprocess_mode})")
     return 1 if failed else 0
 

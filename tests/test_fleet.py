@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
 from client import fleet, shards
@@ -265,3 +266,151 @@ def test_fleet_sender_prefers_the_replica_with_fewest_in_flight():
     # the slow replica holds its requests 30x longer, so the fast one answers most files
     assert senders[1].calls > 2 * senders[0].calls, (senders[0].calls, senders[1].calls)
     sender.abort.set()
+
+
+# ---- the command line, no server ----
+
+def test_classify_dir_with_a_bad_fleet_file_or_shard_exits_2_with_one_line(tmp_path):
+    write_images(tmp_path / "images", 3)
+    bad = write_fleet(tmp_path / "fleet.yaml", "replicas:\n  - name: a\n")
+    for extra, needle in ((["--fleet", str(bad)], "fleet.yaml: replica 'a' (replicas[0]): inference_url"),
+                          (["--fleet", str(bad), "--url", "http://127.0.0.1:1"],
+                           "--fleet names each replica"),
+                          (["--shard", "3/3"], "--shard 3/3: K must be 0..N-1")):
+        done = subprocess.run([str(PYTHON), str(CLIENT), str(tmp_path / "images"), "--output",
+                               str(tmp_path / "out.jsonl"), *extra], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
+
+
+# ---- a real fleet of 3 TorchServes on loopback ----
+
+@pytest.fixture(scope="module")
+def fleet3(tmp_path_factory, tiny_run):
+    """3 servers of tiny 1.0, started in parallel; each stopped by its pid at the end (workers too)."""
+    base = tmp_path_factory.mktemp("fleet")
+    store = base / "store"
+    store.mkdir()
+    archive(tiny_run, store, MODEL, VERSION)
+    servers, used = [], set()
+    for i in range(3):
+        server = make_server(base / f"ts-{i}", store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
+        while used & set(server.ports.values()):  # free ports are picked one server at a time
+            server = make_server(base / f"ts-{i}", store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
+        used |= set(server.ports.values())
+        servers.append(server)
+    errors: list[Exception] = []
+
+    def start(server) -> None:
+        try:
+            server.start()
+        except Exception as e:  # noqa: BLE001 - reported below, after every start has ended
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    workers = {s.pid(): [p.pid for p in psutil.Process(s.pid()).children(recursive=True)]
+               for s in servers if s.pid()}
+    try:
+        if errors:
+            pytest.fail(f"a fleet server failed to start: {errors[0]}")
+        fleet_file = base / "fleet.yaml"
+        fleet_file.write_text("replicas:\n" + "".join(
+            f"  - name: ts-{i}\n    inference_url: {s.inference_url}\n"
+            f"    management_url: {s.management_url}\n"
+            f"    key_file: {s.key_file}\n" for i, s in enumerate(servers)), encoding="utf-8")
+        yield servers, fleet_file
+    finally:
+        closers = [threading.Thread(target=s.close) for s in servers]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
+        for pids in workers.values():  # a frontend killed by a test leaves its workers to exit alone
+            for pid in pids:
+                if psutil.pid_exists(pid):
+                    psutil.Process(pid).kill()
+
+
+def classify(fleet_file: Path, directory: Path, output: Path, *extra: str) -> list[str]:
+    return [str(PYTHON), str(CLIENT), str(directory), "--model", MODEL, "--fleet", str(fleet_file),
+            "--output", str(output), *extra]
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_single_url_rows_name_the_replica_as_host_and_port(fleet3, tmp_path):
+    servers, _ = fleet3
+    write_images(tmp_path / "images", 6)
+    output = tmp_path / "out.jsonl"
+    done = subprocess.run([str(PYTHON), str(CLIENT), str(tmp_path / "images"), "--model", MODEL, "--url",
+                           servers[0].inference_url, "--token-file", str(servers[0].key_file), "--output",
+                           str(output)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {r["replica"] for r in rows_of(output)} == {servers[0].inference_url.removeprefix("http://")}
+    assert "replica " not in done.stdout  # the per-replica lines are for fleets
+
+
+def test_three_shards_cover_every_file_once_with_one_shard_killed_and_resumed(fleet3, tmp_path):
+    _, fleet_file = fleet3
+    images = tmp_path / "images"
+    paths = write_images(images, 300)
+    outputs = [tmp_path / f"shard-{k}-of-3.jsonl" for k in range(3)]
+    for k in (0, 2):
+        done = subprocess.run(classify(fleet_file, images, outputs[k], "--shard", f"{k}/3"),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    # shard 1 one request at a time, killed once it has written some rows
+    command = classify(fleet_file, images, outputs[1], "--shard", "1/3", "--concurrency", "1")
+    killed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: rows_written(outputs[1]) >= 10, 60)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(30) == -signal.SIGKILL
+    in_shard_1 = [p for p in paths if shards.shard_of(p, 3) == 1]
+    assert rows_written(outputs[1]) < len(in_shard_1)
+    done = subprocess.run(classify(fleet_file, images, outputs[1], "--shard", "1/3", "--resume"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for k, output in enumerate(outputs):
+        assert {shards.shard_of(r["path"], 3) for r in rows_of(output)} == {k}
+    assert sorted(r["path"] for r in rows_of(outputs[1])) == sorted(in_shard_1)
+    merged = tmp_path / "merged.jsonl"
+    done = subprocess.run([str(PYTHON), str(MERGE), str(merged), *map(str, outputs), "--dir", str(images)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = rows_of(merged)
+    assert [r["path"] for r in rows] == sorted(paths) and all(r["status"] == "ok" for r in rows)
+    assert f"300 files (every file under {images} exactly once)" in done.stdout
+
+
+def test_fleet_of_3_with_one_replica_killed_mid_run_classifies_every_file_exactly_once(fleet3, tmp_path):
+    servers, fleet_file = fleet3
+    images = tmp_path / "images"
+    paths = write_images(images, 600)
+    output = tmp_path / "out.jsonl"
+    run = subprocess.Popen(classify(fleet_file, images, output, "--concurrency", "4"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: rows_written(output) >= 100, 120)
+        servers[1].kill()  # SIGKILL of its frontend: connections reset, requests it held are lost
+        stdout, stderr = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stderr
+    rows = rows_of(output)
+    assert Counter(r["path"] for r in rows) == Counter(paths)  # every file exactly once
+    assert all(r["status"] == "ok" for r in rows)
+    by_replica = Counter(r["replica"] for r in rows)
+    assert set(by_replica) == {"ts-0", "ts-1", "ts-2"}, by_replica
+    assert rows_written(output) == 600
+    lines = {name: next(line for line in stdout.splitlines() if line.startswith(f"replica {name}: "))
+             for name in by_replica}
+    for name, n in by_replica.items():
+        assert f"files {n}, " in lines[name] and "errors 0" in lines[name]
+    assert "taken out 1x" in lines["ts-1"] and "taken out" not in lines["ts-0"]
