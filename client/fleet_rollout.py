@@ -209,8 +209,14 @@ def fleet_rollout(members: list[Member], args: argparse.Namespace, log_dirs: dic
         for replica, client in members:  # 1. the new version beside the old one, everywhere
             step = f"{replica}: register {mar.name} ({name} {version})"
             say(f"rollout: {step} while {name} {old or '(none)'} serves")
-            register(client, mar, workers[replica], args.batch_size, args.max_batch_delay,
-                     log_dirs.get(replica))
+            try:
+                register(client, mar, workers[replica], args.batch_size, args.max_batch_delay,
+                         log_dirs.get(replica))
+            except Refused as e:  # TorchServe's words for a missing or cut-short copy in its store
+                if "Failed to save model" in str(e) or "Model not found" in str(e):
+                    raise Refused(f"{e} ({replica}'s model store must hold a complete copy of "
+                                  f"{mar.name})") from None
+                raise
             if images:
                 step = f"{replica}: smoke test of {name} {version}"
                 summaries.append(smoke_test(client, name, version, images, args.min_accuracy,

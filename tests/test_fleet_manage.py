@@ -253,6 +253,7 @@ def test_a_broken_copy_on_one_replica_rolls_every_replica_back(fleet, model):
     assert result.returncode == 1, result.stdout + result.stderr
     line = one_error_line(result)
     assert "failed at ts-1: register guard-2.mar (guard 2)" in line
+    assert "ts-1's model store must hold a complete copy of guard-2.mar" in line
     assert "rolled back on every replica" in line
     assert line.endswith("guard 1 is the default on every replica, 2 removed everywhere")
     assert "rollout: ts-0: register guard-2.mar" in result.stdout  # ts-0 had it registered before
