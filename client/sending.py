@@ -79,11 +79,13 @@ class Classifier:
     def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
         """One file -> (row, failure reason or None); None when the run was aborted first."""
         row = {"path": rel, "model": self.model}
+        started = time.perf_counter()
         try:
             data, content_type = self.prepare(read_image(path, self.max_bytes))
         except NotSent as e:
             return error_row(row, str(e), None), e.reason
-        except BadImage as e:  # refused here by the server's own check: its message and code
+        except BadImage as e:  # refused here by the server's own check: its message, code, and time taken
+            row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
             return error_row(row, e.message, e.code), f"http {e.code}"
         attempt, refreshes = 0, 0
         while not self.abort.is_set():
