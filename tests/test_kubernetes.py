@@ -203,6 +203,22 @@ def test_job_is_indexed_with_one_shard_per_completion():
     assert "$(JOB_COMPLETION_INDEX)" in args[args.index("--output") + 1]  # one result file a shard
 
 
+def test_job_command_is_one_the_classifier_accepts_for_every_index():
+    """The Job's args, with each index Kubernetes substitutes, parse and name a valid shard."""
+    from client import classify_dir
+
+    spec = one("classify-job.yaml", "Job")["spec"]
+    args = container(spec["template"]["spec"], "classify")["args"]
+    outputs = set()
+    for index in range(spec["completions"]):
+        argv = [a.replace("$(JOB_COMPLETION_INDEX)", str(index)) for a in args[2:]]
+        parsed = classify_dir.get_args_parser().parse_args(argv)
+        assert parsed.fleet == "/fleet/fleet.yaml" and parsed.resume
+        assert classify_dir.parse_shard(parsed.shard) == (index, spec["completions"])
+        outputs.add(parsed.output)
+    assert len(outputs) == spec["completions"]  # no two shards write one file
+
+
 @pytest.mark.parametrize("manifest,kind", [("classify-job.yaml", "Job"), ("toolbox.yaml", "Pod")])
 def test_fleet_generator_inputs_match_the_statefulset(manifest, kind):
     sts = one("statefulset.yaml", "StatefulSet")
