@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT / "scripts" / "archive.sh"
 # The handler ships as the `handler` package (imported as in the repository) beside TorchServe's
 # entry file, which the archiver always puts at the root.
-MAR_FILES = {"MAR-INF/MANIFEST.json", "model.pt", "classifier_handler.py", "handler/__init__.py",
-             "handler/classifier_handler.py", "handler/preprocessing.py", "handler/request_decoding.py",
-             "handler/batch_inference.py", "index_to_name.json", "preprocess.json", "model-config.yaml"}
+MAR_FILES = ({"MAR-INF/MANIFEST.json", "model.pt", "classifier_handler.py", "index_to_name.json",
+              "preprocess.json", "model-config.yaml"}
+             | {f"handler/{p.name}" for p in (ROOT / "handler").glob("*.py")})  # the whole package
 
 # Runs in a fresh interpreter, from the unzipped folder, as TorchServe's worker does: the folder on
 # sys.path, the handler imported by module name, then one batch answered in the worker's wire format.
