@@ -3,13 +3,16 @@
 `classify_dir.py DIR --shard K/N` classifies the files whose relative path hashes to K (0-based,
 as Kubernetes' JOB_COMPLETION_INDEX): each file's shard depends on its path alone, so N clients
 on N machines split one directory without talking to each other, and adding files never moves
-another file to another shard. The merge checks that the shards cover every file exactly once:
+another file to another shard. The merge checks that the shards cover every file exactly once
+(--dir: every file under DIR; --shards N: each output is one whole shard of N, each shard once)
+and that they were classified by one model:
 
-    .venv/bin/python scripts/merge_shards.py merged.jsonl shard-*.jsonl --dir DIR
+    .venv/bin/python scripts/merge_shards.py merged.jsonl shard-*.jsonl --dir DIR --shards N
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -44,11 +47,27 @@ def _named(paths: list[str]) -> str:
     return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
 
 
-def _typed(row: dict) -> dict:
+def _numbered_rows(path: Path):
+    """(line, row) of a shard output; the line only for CSV, the one format whose text is parsed again."""
+    if path.suffix.lower() != ".csv":
+        yield from ((None, row) for row in read_rows(path))
+        return
+    with open(path, encoding="utf-8", newline="", errors="surrogateescape") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row.values() or None in row:  # short or overlong: cut by a kill, as read_rows
+                continue
+            yield reader.line_num, row
+
+
+def _typed(row: dict, where: str) -> dict:
     """A row read back from CSV (all text) with JSON's types again; JSONL rows pass unchanged."""
     out = {k: (None if v == "" else v) for k, v in row.items()}
     if isinstance(out.get("topk"), str):
-        out["topk"] = json.loads(out["topk"])
+        try:
+            out["topk"] = json.loads(out["topk"])
+        except ValueError:
+            raise UserError(f"{where}: topk is not a JSON list: {out['topk'][:60]!r}") from None
     for key, kind in (("probability", float), ("latency_ms", float), ("http_status", int)):
         if isinstance(out.get(key), str):
             try:
@@ -58,30 +77,64 @@ def _typed(row: dict) -> dict:
     return out
 
 
-def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
-                 extensions: set[str] | None = None, recursive: bool = True) -> tuple[int, int]:
-    """Check the shards cover each file once (every file under `root` when given); write them merged.
+def _check_shards(inputs: list[Path], shards_in: dict[Path, set[int]], shards: int) -> list[int]:
+    """--shards N: each output holds one shard K, each K of 0..N-1 once; returns the K of no rows."""
+    if len(inputs) != shards:
+        raise UserError(f"--shards {shards} needs {shards} shard outputs, got {len(inputs)}")
+    mixed = [f"{p} (shards {', '.join(map(str, sorted(ks)))})" for p, ks in shards_in.items() if len(ks) > 1]
+    if mixed:
+        raise UserError(f"outputs holding rows of more than one shard of {shards}: {_named(mixed)}")
+    owners: dict[int, list[str]] = {}
+    for path, ks in shards_in.items():
+        for k in ks:
+            owners.setdefault(k, []).append(str(path))
+    twice = [f"shard {k} ({', '.join(names)})" for k, names in sorted(owners.items()) if len(names) > 1]
+    if twice:
+        raise UserError(f"shards in more than one output: {_named(twice)}")
+    # an output with no rows is a shard with no files (classify_dir writes an empty output then)
+    return sorted(set(range(shards)) - owners.keys())
 
-    Returns (files, failed). UserError naming duplicates, missing or foreign files; nothing is
-    written then.
+
+def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
+                 extensions: set[str] | None = None, recursive: bool = True,
+                 shards: int | None = None) -> tuple[int, int, list[int]]:
+    """Check the shards cover each file once (every file under `root`, every shard of `shards`
+    when given) with one model; write them merged.
+
+    Returns (files, failed, the shards of no rows). UserError naming duplicates, missing or foreign
+    files, missing or mixed shards, or two models; nothing is written then.
     """
     rows: dict[str, dict] = {}
     where: dict[str, list[str]] = {}
+    shards_in: dict[Path, set[int]] = {}
+    models: dict[str, list[str]] = {}
     for path in inputs:
         if not path.is_file():
             raise UserError(f"shard output not found: {path}")
         if path.resolve() == output.resolve():
             raise UserError(f"the merged output {output} is also an input: name another file")
-        for row in read_rows(path):
+        shards_in[path] = set()
+        for line, row in _numbered_rows(path):
             rel = row.get("path")
             if not isinstance(rel, str) or not rel:
                 continue
+            typed = _typed(row, f"{path}, line {line}" if line else str(path))
             where.setdefault(rel, []).append(path.name)
-            rows.setdefault(rel, _typed(row))
+            rows.setdefault(rel, typed)
+            if shards:
+                shards_in[path].add(shard_of(rel, shards))
+            if typed.get("model") is not None:
+                names = models.setdefault(str(typed["model"]), [])
+                if str(path) not in names:
+                    names.append(str(path))
+    if len(models) > 1:
+        raise UserError("rows of more than one model: " + "; ".join(
+            f"{model} ({_named(names)})" for model, names in sorted(models.items())))
     duplicates = sorted(rel for rel, names in where.items() if len(names) > 1)
     if duplicates:
         raise UserError(f"{len(duplicates)} files have more than one row: " + _named(
             [f"{rel} ({', '.join(where[rel])})" for rel in duplicates]))
+    empty = _check_shards(inputs, shards_in, shards) if shards else []
     if root is not None:
         if not root.is_dir():
             raise UserError(f"not a folder: {root}")
@@ -103,7 +156,7 @@ def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
             writer.write(rows[rel])
     finally:
         writer.close()
-    return len(rows), sum(row.get("status") != "ok" for row in rows.values())
+    return len(rows), sum(row.get("status") != "ok" for row in rows.values()), empty
 
 
 def _extensions(text: str) -> set[str]:
@@ -119,6 +172,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the shards' outputs (JSONL or CSV)")
     parser.add_argument("--dir", default=None,
                         help="the classified DIR: also check that no file under it is missing")
+    parser.add_argument("--shards", type=int, default=None, metavar="N",
+                        help="the runs' N of --shard K/N: check that each output holds exactly one shard "
+                             "and every shard 0..N-1 is there once")
     parser.add_argument("--extensions", default=DEFAULT_EXTENSIONS,
                         help="with --dir: the extensions the runs used (default: %(default)s)")
     parser.add_argument("--no-recursive", action="store_true",
@@ -131,11 +187,19 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
-    files, failed = merge_shards([Path(p) for p in args.inputs], output, Path(args.dir) if args.dir else None,
-                                 _extensions(args.extensions), not args.no_recursive)
-    covered = f"every file under {args.dir} exactly once" if args.dir else "no file twice"
-    print(f"merge_shards: {len(args.inputs)} outputs, {files} files ({covered}), ok {files - failed}, "
-          f"failed {failed} -> {output}")
+    if args.shards is not None and args.shards < 1:
+        raise UserError(f"--shards must be at least 1, not {args.shards}")
+    files, failed, empty = merge_shards([Path(p) for p in args.inputs], output,
+                                        Path(args.dir) if args.dir else None, _extensions(args.extensions),
+                                        not args.no_recursive, args.shards)
+    covered = [f"every file under {args.dir} exactly once"] if args.dir else ["no file twice"]
+    if args.shards:
+        covered.append(f"each of {args.shards} shards once"
+                       + (f", shards {', '.join(map(str, empty))} with no files" if empty else ""))
+    if not args.dir and not args.shards:
+        covered.append("completeness NOT checked: give --dir DIR or --shards N")
+    print(f"merge_shards: {len(args.inputs)} outputs, {files} files ({'; '.join(covered)}), "
+          f"ok {files - failed}, failed {failed} -> {output}")
     return 1 if failed else 0
 
 
