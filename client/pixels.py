@@ -12,7 +12,9 @@ auto:   client when the model exposes its settings, else server; and in client m
         pixels) is sent as it is, since the pixels would only add bytes to the request.
 
 A file this process cannot decode gets the error the server would give (the same open_image
-check, so the same message and HTTP code), without a request.
+check, so the same message and HTTP code), without a request. A file that is already a pixel
+payload (it starts with the .npy magic, whatever its name) is sent as it is in every mode: the
+handler recognises it by that magic, so it gets the server mode's answer.
 """
 from __future__ import annotations
 
@@ -86,7 +88,8 @@ def fetch_settings(server: TorchServe, model: str, version: str | None) -> Pixel
 class ClientPreprocessor:
     """Client mode's prepare hook: a file's bytes -> (.npy of its resized pixels, content type).
 
-    Files under `min_file_bytes` go as they are (auto: smaller than the pixel payload).
+    Files under `min_file_bytes` go as they are (auto: smaller than the pixel payload), and so do
+    files that are already a pixel payload.
     """
 
     def __init__(self, settings: PixelSettings, min_file_bytes: int = 0):
@@ -96,7 +99,9 @@ class ClientPreprocessor:
 
     def __call__(self, data: bytes) -> tuple[bytes, str]:
         s = self.settings
-        if len(data) < self.min_file_bytes:
+        # A .npy file is the handler's pixel payload whatever its name: send it as server mode does,
+        # so the handler checks its shape and answers as it would to that file.
+        if len(data) < self.min_file_bytes or pixel_payload.is_pixel_payload(data):
             return send_file(data)
         try:
             pixels = preprocessing.load_pixels(data, s.cfg, s.max_pixels, s.max_decoded_bytes)

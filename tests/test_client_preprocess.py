@@ -64,6 +64,25 @@ def test_zoo_file_gives_the_same_tensor_or_the_same_refusal_in_both_modes(name):
     assert torch.equal(server_side(body), server)
 
 
+def npy_files() -> dict[str, bytes]:
+    """Files holding .npy bytes under an image's name: the handler takes them as pixel payloads."""
+    return {"npy_as_photo.png": pixel_payload.encode(np.full((*CFG.image_size, 3), 128, np.uint8)),
+            "npy_of_other_size.png": pixel_payload.encode(np.full((32, 32, 3), 128, np.uint8))}
+
+
+@pytest.mark.parametrize("name", sorted(npy_files()))
+@pytest.mark.parametrize("auto", [False, True])  # client mode; auto, the file not under min_file_bytes
+def test_file_starting_with_the_npy_magic_is_sent_as_it_is_and_answered_as_in_server_mode(name, auto):
+    data = npy_files()[name]
+    min_file_bytes = len(data) if auto else 0
+    assert pixels.ClientPreprocessor(SETTINGS, min_file_bytes)(data) == pixels.send_file(data)
+    server = server_side(data)
+    if name == "npy_as_photo.png":  # the model's shape: classified, as in server mode
+        assert isinstance(server, torch.Tensor) and tuple(server.shape) == (3, *CFG.image_size)
+    else:  # another shape: the handler's 400 naming both shapes, as in server mode
+        assert isinstance(server, preprocessing.BadImage) and server.code == 400
+
+
 @pytest.mark.parametrize("name", sorted(bombs()))
 def test_bomb_is_refused_client_side_with_the_servers_reason(name):
     data = bombs()[name]
@@ -215,6 +234,8 @@ def test_zoo_gets_the_same_rows_in_client_and_server_mode(server, tmp_path):
         (tmp_path / "zoo" / name).write_bytes(data)
     for name, data in bombs().items():
         (tmp_path / "zoo" / f"{name}.png").write_bytes(data)
+    for name, data in npy_files().items():  # .npy bytes named .png: sent as they are in every mode
+        (tmp_path / "zoo" / name).write_bytes(data)
     rows = {}
     for mode in ("server", "client", "auto"):
         output = tmp_path / f"{mode}.jsonl"
@@ -224,7 +245,10 @@ def test_zoo_gets_the_same_rows_in_client_and_server_mode(server, tmp_path):
         resolved = "client, " if mode == "auto" else mode  # auto: client, small files as they are
         assert f"(preprocess {resolved}" in result.stdout
         rows[mode] = {r["path"]: r for r in map(json.loads, output.read_text().splitlines())}
-    assert set(rows["server"]) == set(rows["client"]) and len(rows["server"]) == len(zoo_files()) + 3
+    assert set(rows["server"]) == set(rows["client"]) and len(rows["server"]) == (
+        len(zoo_files()) + len(bombs()) + len(npy_files()))
+    assert rows["client"]["npy_as_photo.png"]["status"] == "ok"  # the tiny model's 8x8: classified
+    assert rows["client"]["npy_of_other_size.png"]["http_status"] == 400
     for path, by_server in rows["server"].items():
         by_client = rows["client"][path]
         assert by_client["status"] == by_server["status"], path
