@@ -226,10 +226,11 @@ def fleet_rollout(members: list[Member], args: argparse.Namespace, log_dirs: dic
             step = f"{replica}: set-default {name} {version}"
             client.call("PUT", f"/models/{name}/{version}/set-default", f"set-default {name} {version}")
             say(f"rollout: {replica}: {name} {version} is the default")
-    except (*API_ERRORS, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - whatever failed, undo, then report it
         say(f"rollout: failed at {step}; rolling back every replica")
         outcome = roll_back_fleet(members, name, version, old, args, log_dirs)
-        if isinstance(e, KeyboardInterrupt):
+        if not isinstance(e, API_ERRORS):
+            say(f"rollout: rolled back after {type(e).__name__}: {outcome}")
             raise
         reason = (str(e) if isinstance(e, (Refused, UserError, ServerUnavailable))
                   else f"{type(e).__name__}: {e}")

@@ -132,8 +132,9 @@ def unregister(client: TorchServe, name: str, version: str, quiet_s: float, time
     client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
 
 
-def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[Path, str, str | None]]:
-    """(path, relative path, class folder or None) of the smoke set; checked before anything changes."""
+def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[bytes, str, str | None]]:
+    """(bytes, relative path, class folder or None) of the smoke set; read and checked before anything
+    changes, so that a file that cannot be read fails the command, not a rollout half done."""
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"--smoke-dir is not a folder: {directory}")
@@ -141,7 +142,11 @@ def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[
     images = []
     for path in iter_files(root, extensions):
         rel = path.relative_to(root).as_posix()
-        images.append((path, rel, true_label_of(rel)))
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"--smoke-dir: cannot read {path}: {e.strerror or e}") from None
+        images.append((data, rel, true_label_of(rel)))
     if not images:
         raise UserError(f"--smoke-dir has no images ({DEFAULT_EXTENSIONS}): {directory}")
     loose = [rel for _, rel, label in images if label is None]
@@ -153,10 +158,10 @@ def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[
 
 def classify_smoke(client: TorchServe, name: str, version: str, images: list) -> list:
     """(relative path, predicted label or None, error or None) of every smoke image on NAME/VERSION."""
-    def one(item: tuple[Path, str, str | None]) -> tuple[str, str | None, str | None]:
-        path, rel, _ = item
+    def one(item: tuple[bytes, str, str | None]) -> tuple[str, str | None, str | None]:
+        data, rel, _ = item
         try:
-            response = client.predict(name, version, path.read_bytes())
+            response = client.predict(name, version, data)
         except requests.RequestException as e:
             return rel, None, f"{type(e).__name__}"
         if response.status_code != 200:
@@ -243,9 +248,10 @@ def rollout(client: TorchServe, args: argparse.Namespace) -> str:
                                  args.max_accuracy_drop)
         step = f"set-default {name} {version}"
         client.call("PUT", f"/models/{name}/{version}/set-default", step)
-    except (Refused, UserError, ServerUnavailable, requests.RequestException, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - whatever failed, undo, then report it
         still = roll_back(client, name, version, old)
-        if isinstance(e, KeyboardInterrupt):
+        if not isinstance(e, (Refused, UserError, ServerUnavailable, requests.RequestException)):
+            say(f"rollout: {step} failed ({type(e).__name__}); rolled back: {still}")
             raise
         reason = (str(e) if isinstance(e, (Refused, UserError, ServerUnavailable))
                   else f"{step}: {type(e).__name__}: {e}")

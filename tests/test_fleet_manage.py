@@ -1,17 +1,20 @@
 """manage.py --fleet against a fleet of real TorchServe replicas of its own, started side by side."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
 
-from client import torchserve
-from client.errors import Refused, RolledBack
+from client import fleet_rollout as fleet_rollout_module
+from client import rollout, torchserve
+from client.errors import Refused, RolledBack, UserError
 from client.fleet_rollout import fleet_rollout, parse_log_dirs
 from client.manage import get_args_parser
 from client.rollout import register
@@ -294,3 +297,106 @@ def test_a_failed_switch_switches_back_the_replicas_already_switched(fleet, mode
     for index in range(REPLICAS):
         assert f"rollout: ts-{index} ends on: flip 1 is the default (registered: 1)" in out
     assert states(fleet, "flip") == [("1", {"1"})] * REPLICAS
+
+
+# ---- a rollout that fails with something else than an API error: fake servers, no TorchServe ----
+
+class FakeServe:
+    """A replica serving model m 1.0 that registers 2.0; its predictions raise `predict_error`."""
+
+    def __init__(self, predict_error: Exception | None = None):
+        self.registered, self.default, self.predict_error = {"1.0"}, "1.0", predict_error
+
+    def versions(self, name: str) -> list[dict]:
+        return [{"modelVersion": v} for v in sorted(self.registered)]
+
+    def default_version(self, name: str) -> str:
+        return self.default
+
+    def describe(self, name: str, version: str | None = None) -> list[dict]:
+        return [{"modelVersion": version or self.default, "minWorkers": 1, "workers": []}]
+
+    def call(self, method: str, path: str, what: str, ok_404: bool = False, **params) -> object:
+        version = path.split("/")[3] if path.count("/") >= 3 else None
+        if method == "PUT" and path.endswith("/set-default"):
+            self.default = version
+        elif method == "DELETE":
+            self.registered.discard(version)
+        return {}
+
+    def predict(self, name: str, version: str, data: bytes):
+        raise self.predict_error
+
+
+def fake_rollout_args(tmp_path: Path, smoke: Path) -> argparse.Namespace:
+    """manage.py rollout's arguments for model m 2.0 (a .mar holding only its manifest)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    with zipfile.ZipFile(store / "m-2.0.mar", "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "m", "modelVersion": "2.0"}}))
+    return argparse.Namespace(smoke_dir=str(smoke), min_accuracy=None, mar=str(store / "m-2.0.mar"),
+                              model_store=store, new_model=False, workers=None, batch_size=None,
+                              max_batch_delay=None, max_accuracy_drop=1.0, keep_old=False, drain_seconds=0,
+                              drain_timeout=1, log_dir=None)
+
+
+def smoke_set(tmp_path: Path) -> Path:
+    smoke = tmp_path / "smoke"
+    smoke.mkdir()
+    for name in ("a.png", "b.png"):
+        (smoke / name).write_bytes(b"\x89PNG not really")
+    return smoke
+
+
+@pytest.fixture
+def fake_register(monkeypatch):
+    """register() on a fake: 2.0 joins the registered versions."""
+    def register(client, mar, *args, **kwargs):
+        client.registered.add("2.0")
+    monkeypatch.setattr(rollout, "register", register)
+    monkeypatch.setattr(fleet_rollout_module, "register", register)
+
+
+def test_unreadable_smoke_image_is_a_user_error_before_any_replica_changes(tmp_path, monkeypatch,
+                                                                           fake_register):
+    smoke = smoke_set(tmp_path)
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:  # a file the process may not read (root reads any mode bits)
+        if path.name == "b.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    members = [("ts-0", FakeServe()), ("ts-1", FakeServe())]
+    with pytest.raises(UserError, match=rf"^--smoke-dir: cannot read {smoke / 'b.png'}: Permission denied$"):
+        fleet_rollout(members, fake_rollout_args(tmp_path, smoke), {})
+    assert [(c.default, c.registered) for _, c in members] == [("1.0", {"1.0"})] * 2
+
+
+def test_smoke_image_vanishing_after_the_listing_changes_nothing(tmp_path, fake_register):
+    smoke = smoke_set(tmp_path)
+    images = rollout.list_smoke_images(str(smoke), None)
+    (smoke / "a.png").unlink()  # the bytes were read with the listing: the smoke test still has them
+    assert sorted(rel for _, rel, _ in images) == ["a.png", "b.png"]
+    assert all(data == b"\x89PNG not really" for data, _, _ in images)
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), RuntimeError("a bug")])
+def test_fleet_rollout_rolls_every_replica_back_on_any_exception_and_reraises_it(tmp_path, fake_register,
+                                                                                 error, capsys):
+    members = [("ts-0", FakeServe(error)), ("ts-1", FakeServe(error))]
+    with pytest.raises(type(error), match=str(error)):
+        fleet_rollout(members, fake_rollout_args(tmp_path, smoke_set(tmp_path)), {})
+    assert [(c.default, c.registered) for _, c in members] == [("1.0", {"1.0"})] * 2
+    assert "m 1.0 is the default on every replica, 2.0 removed everywhere" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), RuntimeError("a bug")])
+def test_single_server_rollout_rolls_back_on_any_exception_and_reraises_it(tmp_path, fake_register, error,
+                                                                           capsys):
+    server = FakeServe(error)
+    with pytest.raises(type(error), match=str(error)):
+        rollout.rollout(server, fake_rollout_args(tmp_path, smoke_set(tmp_path)))
+    assert (server.default, server.registered) == ("1.0", {"1.0"})
+    assert "rolled back: m 1.0 is still the default" in capsys.readouterr().out
