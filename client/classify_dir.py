@@ -21,10 +21,11 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from client import pixels
-from client.errors import ServerUnavailable, UserError, run_main
-from client.fleet import first_healthy, load_fleet, probe_replicas, start_fleet
+from client.errors import Refused, ServerUnavailable, UserError, run_main
+from client.fleet import ReplicaState, first_healthy, load_fleet, probe_replicas, start_fleet
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
-from client.sending import Classifier, VersionTracker, check_workers, resolve_model, wait_for_server
+from client.sending import (Classifier, VersionTracker, check_ready, check_workers, resolve_model,
+                            wait_for_server)
 from client.shards import parse_shard, shard_of
 from client.torchserve import DEFAULT_INFERENCE_URL, TorchServe, add_server_flags
 from client.walk import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, true_label_of
@@ -73,6 +74,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_same_settings(states: list[ReplicaState], model: str, version: str | None) -> None:
+    """UserError when two healthy replicas preprocess differently: client-side pixels suit only one."""
+    seen: tuple[str, object] | None = None
+    for state in states:
+        if not state.healthy:
+            continue
+        try:
+            settings = pixels.fetch_settings(state.server, model, version)
+        except (Refused, ServerUnavailable) as e:  # a passing failure must not block the run: said, not fatal
+            logging.getLogger("classify_dir").warning("preprocessing settings of replica %s not compared: %s",
+                                                      state.replica.name, e)
+            continue
+        if seen is None:
+            seen = (state.replica.name, settings)
+        elif settings != seen[1]:
+            name = state.replica.name
+            raise UserError(f"replicas {seen[0]} and {name} serve '{model}' with different preprocessing "
+                            f"settings ({seen[0]}: {seen[1]}; {name}: {settings}); deploy the same version "
+                            f"everywhere or use --preprocess server")
+
+
 def main(args: argparse.Namespace) -> int:
     """Classify DIR; return the exit code (0 all ok, 1 some files failed)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -105,6 +127,8 @@ def main(args: argparse.Namespace) -> int:
         server = first_healthy(states, args.fleet)  # every replica serves the same model
     model = resolve_model(args, server)
     check_workers(server, model, args.version)
+    if replicas is not None and args.preprocess != "server":
+        check_same_settings(states, model, args.version)
     preprocess_mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
 
     def make_classifier(server: TorchServe) -> Classifier:
@@ -117,7 +141,8 @@ def main(args: argparse.Namespace) -> int:
         replica = urlsplit(server.url).netloc  # rows of a single --url name its HOST:PORT
     else:  # --concurrency in flight per replica; a replica failing the model checks starts out
         classifier = start_fleet(states, args.concurrency, make_classifier,
-                                 lambda s: check_workers(s, model, args.version), args.fleet)
+                                 lambda s: check_workers(s, model, args.version), args.fleet,
+                                 ready=lambda s: check_ready(s, model, args.version))
         capacity, replica = args.concurrency * len(replicas), None
     stats = Stats()
     done = keep_finished_rows(output, fields, stats) if args.resume else set()
@@ -144,6 +169,10 @@ def main(args: argparse.Namespace) -> int:
                 fatal = fatal or str(e)
                 classifier.abort.set()
                 continue
+            except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: stop, the rows kept
+                fatal = fatal or f"unexpected {type(e).__name__} while sending {future.rel}: {e}"
+                classifier.abort.set()
+                continue
             if result is None:
                 continue
             row, reason = result
@@ -165,7 +194,9 @@ def main(args: argparse.Namespace) -> int:
                 collect()
             if fatal is not None:
                 break
-            pending.add(pool.submit(classifier.classify, path, rel))
+            future = pool.submit(classifier.classify, path, rel)
+            future.rel = rel  # named if it fails unexpectedly
+            pending.add(future)
         while pending:
             collect()
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ YAML (or JSON, which is YAML too), as deploy/kubernetes/make_fleet.py writes it:
         inference_url: http://ts-0.ts.ml.svc.cluster.local:8080
         management_url: http://ts-0.ts.ml.svc.cluster.local:8081   # default: inference port + 1
         key_file: /keys/ts-0/key_file.json          # that replica's key file; relative to the fleet file
+                                                    # (none: no keys, never the local key_file.json)
 
 Every mistake is a UserError naming the file and the entry at fault.
 
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from client.errors import ServerUnavailable, UserError
+from client.errors import Refused, ServerUnavailable, UserError
 from client.torchserve import Keys, TorchServe, management_url_for, ping
 
 ENTRY_KEYS = {"name", "inference_url", "management_url", "key_file"}
@@ -44,9 +45,9 @@ class Replica:
     key_file: Path | None
 
     def api(self, timeout: float = 10.0) -> TorchServe:
-        """This replica's management and inference APIs, with its own keys."""
-        return TorchServe(self.inference_url, self.management_url, Keys(self.key_file, self.management_url),
-                          timeout=timeout)
+        """This replica's management and inference APIs, with its own keys (none without a key_file)."""
+        keys = Keys(self.key_file, self.management_url, default_file=False)  # never the local server's keys
+        return TorchServe(self.inference_url, self.management_url, keys, timeout=timeout)
 
 
 def _url(value: object, where: str, key: str) -> str:
@@ -111,6 +112,9 @@ def load_fleet(path: str | Path) -> list[Replica]:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise UserError(f"cannot read the fleet file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a fleet file (not UTF-8 text: byte {e.start} is "
+                        f"{e.object[e.start]:#04x})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -154,10 +158,18 @@ def probe_replicas(replicas: list[Replica], timeout: float) -> list[ReplicaState
     """Each replica's APIs and /ping in parallel; those that do not answer Healthy start out."""
     states = [ReplicaState(r, r.api(timeout=timeout)) for r in replicas]
     with ThreadPoolExecutor(min(16, len(states)), thread_name_prefix="probe") as pool:
-        answers = list(pool.map(lambda s: ping(s.server.url, s.server.keys), states))
+        answers = list(pool.map(_ping, states))
     for state, why in zip(states, answers, strict=True):
         state.healthy, state.why = why is None, why
     return states
+
+
+def _ping(state: ReplicaState) -> str | None:
+    """/ping's answer; an unreadable key file too is a reason to keep the replica out, not a crash."""
+    try:
+        return ping(state.server.url, state.server.keys)
+    except ServerUnavailable as e:
+        return str(e)
 
 
 class _Abort(threading.Event):
@@ -184,7 +196,7 @@ class FleetSender:
                  probe: Callable[[ReplicaState], str | None] | None = None):
         self.states, self.per_replica = states, per_replica
         self.probe_interval, self.grace = probe_interval, grace
-        self.probe = probe or (lambda s: ping(s.server.url, s.server.keys))
+        self.probe = probe or _ping  # None: put it back in
         self.changed = threading.Condition()
         self.abort = _Abort(self)
         self._all_out_since = None if any(s.healthy for s in states) else time.monotonic()
@@ -212,6 +224,8 @@ class FleetSender:
                 timeouts += 1  # a replica that stops answering holds requests without refusing them
                 self._take_out(state, row.get("error") or "timeout")
                 continue
+            with self.changed:  # a real answer: only now is the fleet no longer all out
+                self._all_out_since = None
             row["replica"] = state.replica.name
             with state.lock:
                 state.files += 1
@@ -229,7 +243,8 @@ class FleetSender:
                     state.in_flight += 1
                     state.sent += 1
                     return state
-                if self._all_out_since is not None and time.monotonic() - self._all_out_since > self.grace:
+                if (self._all_out_since is not None and not any(s.healthy for s in self.states)
+                        and time.monotonic() - self._all_out_since > self.grace):
                     reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in self.states)
                     raise ServerUnavailable(f"no replica of the fleet answered for {self.grace:g}s "
                                             f"({reasons})")
@@ -248,7 +263,8 @@ class FleetSender:
                 state.healthy, state.why = False, why
                 state.taken_out += 1
                 state.sender.abort.set()  # its other files stop retrying there and go elsewhere
-                if not any(s.healthy for s in self.states):
+                if not any(s.healthy for s in self.states) and self._all_out_since is None:
+                    # kept while replicas come back and fail again before answering: the grace runs out
                     self._all_out_since = time.monotonic()
             self.changed.notify_all()
 
@@ -258,10 +274,14 @@ class FleetSender:
                 with self.changed:  # wait for its last requests to leave before its abort is cleared
                     if state.in_flight:
                         continue
-                if self.probe(state) is None and not self.abort.is_set():
+                try:
+                    why = self.probe(state)
+                except Exception as e:  # noqa: BLE001 - this thread must live on: the replica stays out
+                    why = f"probe failed: {type(e).__name__}: {e}"
+                if why is None and not self.abort.is_set():
                     with self.changed:
                         state.sender.abort.clear()
-                        state.healthy, self._all_out_since = True, None
+                        state.healthy = True
                         self.changed.notify_all()
 
     def summary(self, elapsed: float) -> list[str]:
@@ -285,8 +305,13 @@ def first_healthy(states: list[ReplicaState], source: str) -> TorchServe:
 
 
 def start_fleet(states: list[ReplicaState], per_replica: int, make_sender: Callable[[TorchServe], Sender],
-                check: Callable[[TorchServe], None], source: str) -> FleetSender:
-    """A sender per replica; one that fails `check` (ServerUnavailable) starts out and is probed back in."""
+                check: Callable[[TorchServe], None], source: str,
+                ready: Callable[[TorchServe], None] | None = None) -> FleetSender:
+    """A sender per replica; one that fails `check` (ServerUnavailable) starts out and is probed back in.
+
+    A replica is put back in only when /ping answers and `ready` (default: `check`) raises nothing:
+    one that answers /ping but cannot serve the model would fail again at once.
+    """
     for state in states:
         state.sender = make_sender(state.server)
         if state.healthy:
@@ -295,4 +320,16 @@ def start_fleet(states: list[ReplicaState], per_replica: int, make_sender: Calla
             except ServerUnavailable as e:
                 state.healthy, state.why = False, str(e)
     first_healthy(states, source)
-    return FleetSender(states, per_replica)
+    ready = ready or check
+
+    def probe(state: ReplicaState) -> str | None:
+        why = _ping(state)
+        if why is not None:
+            return why
+        try:
+            ready(state.server)
+        except (ServerUnavailable, Refused) as e:
+            return str(e)
+        return None
+
+    return FleetSender(states, per_replica, probe=probe)

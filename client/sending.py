@@ -99,15 +99,16 @@ class Classifier:
                 reason = f"http {response.status_code}"
             except requests.Timeout:
                 response, transient, reason = None, True, "timeout"
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, reset, or cut partway through the answer
                 response, transient, reason = None, True, "connection"
             row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
             if response is not None and is_auth_error(response):
                 refreshes += 1
                 if refreshes <= KEY_REFRESHES and self.keys.refresh("inference", key):
                     continue
-                raise ServerUnavailable(f"the server refused the inference key from {self.keys.key_file} and no "
-                            f"fresh key could be read or requested; pass the right file with --token-file")
+                source = f"from {self.keys.key_file}" if self.keys.key_file else "(no key file given)"
+                raise ServerUnavailable(f"the server refused the inference key {source} and no fresh key "
+                                        f"could be read or requested; pass the right file with --token-file")
             if response is not None and response.status_code == 404 and _is_unknown_model(response):
                 message = error_message(response) or f"HTTP {response.status_code}"
                 raise ServerUnavailable(f"{self.endpoint}: {message}")
@@ -161,6 +162,21 @@ def check_workers(server: TorchServe, model: str, version: str | None) -> None:
                                 f"would get 503; add one: scripts/manage.py scale {model} {found[0]} --min 1")
 
 
+def check_ready(server: TorchServe, model: str, version: str | None) -> None:
+    """Before a replica is put back in: ServerUnavailable unless the version is there with a READY worker."""
+    try:
+        description = server.describe(model, version)
+    except Refused as e:
+        raise ServerUnavailable(str(e)) from None
+    if not description:
+        raise ServerUnavailable(f"model '{model}'" + (f" version {version}" if version else "")
+                                + f" is not registered on {server.management_url}")
+    entry = description[0] if isinstance(description[0], dict) else {}
+    if not any(isinstance(w, dict) and w.get("status") == "READY" for w in entry.get("workers") or []):
+        raise ServerUnavailable(f"model '{model}' version {entry.get('modelVersion')} has no READY "
+                                f"worker on {server.management_url}")
+
+
 def _is_unknown_model(response: requests.Response) -> bool:
     try:
         return response.json().get("type") in ("ModelNotFoundException", "ModelVersionNotFoundException")
@@ -199,7 +215,7 @@ def wait_for_server(server: TorchServe, retries: int) -> None:
         if why is None:
             return
         if "InvalidKeyException" in why:
-            if not keys.key_file.exists():
+            if keys.key_file is None or not keys.key_file.exists():
                 raise ServerUnavailable(f"the server at {url} wants a key and there is no {keys.key_file}; "
                                         f"pass the server's key_file.json with --token-file")
             raise ServerUnavailable(f"the server at {url} refused the inference key from {keys.key_file}; "

@@ -101,13 +101,16 @@ class Keys:
     """Thread-safe holder of the server's keys, re-read or renewed when the server rejects one."""
 
     def __init__(self, key_file: str | os.PathLike | None = None, management_url: str | None = None,
-                 keys: dict[str, str] | None = None):
-        self.key_file = find_key_file(key_file)
+                 keys: dict[str, str] | None = None, default_file: bool = True):
+        # default_file=False (a fleet's replica): no key_file means no keys, never the local server's
+        self.key_file = find_key_file(key_file) if key_file or default_file else None
         self.management_url = management_url
         self._lock = threading.Lock()
         self._keys = dict(keys) if keys is not None else self._read()
 
     def _read(self) -> dict[str, str]:
+        if self.key_file is None:
+            return {}
         for attempt in range(20):  # the server may be writing the file right now
             try:
                 return read_keys(self.key_file)
@@ -175,10 +178,11 @@ def ping(inference_url: str, keys: Keys | None = None, timeout: float = 2.0) -> 
     except requests.RequestException as e:
         return f"no answer on {inference_url}/ping ({type(e).__name__})"
     try:
-        if response.status_code == 200 and response.json().get("status") == "Healthy":
-            return None
+        body = response.json()
     except ValueError:
-        pass
+        body = None
+    if response.status_code == 200 and isinstance(body, dict) and body.get("status") == "Healthy":
+        return None
     return f"/ping answered {response.status_code}: {response.text.strip()[:200]}"
 
 
@@ -216,9 +220,10 @@ class TorchServe:
         except requests.Timeout:
             raise Refused(f"{what}: no answer within {self.timeout:g}s") from None
         if is_auth_error(response):
-            if not self.keys.key_file.is_file():
-                raise ServerUnavailable(f"the server wants a key and there is no {self.keys.key_file}; pass the "
-                                f"server's key_file.json with --token-file")
+            if self.keys.key_file is None or not self.keys.key_file.is_file():
+                missing = self.keys.key_file or "key file"
+                raise ServerUnavailable(f"the server wants a key and there is no {missing}; pass the server's "
+                                        f"key_file.json with --token-file (key_file in a fleet)")
             raise ServerUnavailable(f"the management API refused the key from {self.keys.key_file} and no fresh "
                             f"one could be had; pass the server's key_file.json with --token-file")
         if response.status_code == 404 and ok_404:

@@ -414,3 +414,240 @@ def test_fleet_of_3_with_one_replica_killed_mid_run_classifies_every_file_exactl
     for name, n in by_replica.items():
         assert f"files {n}, " in lines[name] and "errors 0" in lines[name]
     assert "taken out 1x" in lines["ts-1"] and "taken out" not in lines["ts-0"]
+
+
+# ---- regressions: cut answers, livelock, keys, probe thread, settings; small local servers ----
+
+class FakeHTTP:
+    """A loopback HTTP server: `routes` maps a path to (status, body bytes); records each request."""
+
+    def __init__(self, routes: dict[str, tuple[int, bytes]]):
+        import http.server
+
+        owner = self
+        self.routes, self.requests = routes, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                owner.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                status, body = owner.routes.get(self.path.split("?")[0], (404, b'{"type": "x"}'))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+HEALTHY = (200, b'{"status": "Healthy"}')
+
+
+def cut_answer_server():
+    """A socket that answers every request with a 200 whose body stops halfway, then hangs up."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'[{"label"')
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_classifier_counts_an_answer_cut_midway_as_a_connection_failure(tmp_path):
+    from client.sending import Classifier, VersionTracker
+    from client.torchserve import Keys, TorchServe
+
+    listener, url = cut_answer_server()
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\x89PNG....")
+    server = TorchServe(url, url, Keys(keys={}))
+    classifier = Classifier(server, "m", "1.0", VersionTracker(server, "m", "1.0"), topk=1, retries=0,
+                            timeout=5)
+    # not a ChunkedEncodingError traceback: the server is unusable, so a fleet takes it out
+    with pytest.raises(ServerUnavailable, match="server unreachable"):
+        classifier.classify(image, "x.png")
+    listener.close()
+
+
+def test_classify_dir_stops_with_exit_2_and_rows_kept_on_an_unexpected_sender_error(tmp_path, monkeypatch):
+    from client import classify_dir
+
+    class Boom:
+        calls: list[str] = []
+
+        def __init__(self, *args, **kwargs):
+            self.abort = threading.Event()
+
+        def classify(self, path, rel):
+            Boom.calls.append(rel)
+            if len(Boom.calls) == 2:
+                raise RuntimeError("a bug")
+            return {"path": rel, "model": "m", "status": "ok"}, None
+
+    write_images(tmp_path / "images", 3)
+    monkeypatch.setattr(classify_dir, "wait_for_server", lambda server, retries: None)
+    monkeypatch.setattr(classify_dir, "resolve_model", lambda args, server: "m")
+    monkeypatch.setattr(classify_dir, "check_workers", lambda server, model, version: None)
+    monkeypatch.setattr(classify_dir, "Classifier", Boom)
+    output = tmp_path / "out.jsonl"
+    args = classify_dir.get_args_parser().parse_args([str(tmp_path / "images"), "--output", str(output),
+                                                      "--concurrency", "1", "--preprocess", "server"])
+    with pytest.raises(ServerUnavailable) as caught:
+        classify_dir.main(args)
+    message = str(caught.value)
+    assert "\n" not in message and "unexpected RuntimeError" in message and Boom.calls[1] in message, message
+    assert "1 rows kept" in message
+    assert [r["path"] for r in rows_of(output)] == Boom.calls[:1]
+
+
+def test_fleet_sender_stops_when_replicas_answer_ping_but_every_request_fails():
+    senders = [FakeSender(), FakeSender()]
+    senders[0].down = senders[1].down = True  # e.g. the model unregistered: /ping still Healthy
+    sender = fake_fleet(senders, probe=lambda s: None, grace=0.3)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = sender.classify(Path("x"), "a.png")
+        except ServerUnavailable as e:
+            outcome["error"] = str(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)  # a livelock never returns; the grace is 0.3s
+    sender.abort.set()
+    assert not thread.is_alive() and "no replica of the fleet answered" in outcome.get("error", ""), outcome
+
+
+def test_start_fleet_probe_keeps_out_a_replica_that_pings_but_cannot_serve_the_model():
+    http = FakeHTTP({"/ping": HEALTHY})
+    replica = fleet.Replica("r0", http.url, http.url, None)
+    states = [fleet.ReplicaState(replica, replica.api(timeout=5))]
+    serving = {"ok": True}
+
+    def ready(server):
+        if not serving["ok"]:
+            raise ServerUnavailable("model 'm' version 2.0 is not registered")
+
+    sender = fleet.start_fleet(states, 2, lambda server: FakeSender(), lambda server: None, "fleet.yaml",
+                               ready=ready)
+    serving["ok"] = False
+    assert sender.probe(states[0]) == "model 'm' version 2.0 is not registered"
+    serving["ok"] = True
+    assert sender.probe(states[0]) is None
+    sender.abort.set()
+    http.close()
+
+
+def test_check_ready_refuses_an_unregistered_version_and_one_without_a_ready_worker():
+    from client.sending import check_ready
+    from client.torchserve import Keys, TorchServe
+
+    http = FakeHTTP({"/models/m/1.0": (200, b'[{"modelVersion": "1.0", "workers": [{"status": "UNLOADING"}]}]'),
+                     "/models/m/3.0": (200, b'[{"modelVersion": "3.0", "workers": [{"status": "READY"}]}]')})
+    server = TorchServe(http.url, http.url, Keys(keys={}), timeout=5)
+    with pytest.raises(ServerUnavailable, match="version 1.0 has no READY worker"):
+        check_ready(server, "m", "1.0")
+    with pytest.raises(ServerUnavailable, match="version 2.0 is not registered"):
+        check_ready(server, "m", "2.0")
+    check_ready(server, "m", "3.0")
+    http.close()
+
+
+def test_fleet_replica_without_key_file_sends_no_local_key_and_asks_no_token(tmp_path, monkeypatch):
+    from client import torchserve
+
+    local = tmp_path / "key_file.json"
+    local.write_text(json.dumps({k: {"key": f"local-{k}"} for k in ("inference", "management", "API")}))
+    monkeypatch.setattr(torchserve, "DEFAULT_KEY_FILE", local)
+    http = FakeHTTP({"/ping": (400, b'{"code": 400, "type": "InvalidKeyException", "message": "no"}'),
+                     "/token": (200, b"")})
+    replica = fleet.Replica("remote", http.url, http.url, None)
+    api = replica.api(timeout=5)
+    assert api.keys.get("inference") is None and api.keys.key_file is None
+    assert torchserve.ping(api.url, api.keys) is not None
+    assert http.requests and all(auth is None for _, _, auth in http.requests), http.requests
+    assert not any(path.startswith("/token") for _, path, _ in http.requests), http.requests
+    http.close()
+
+
+def test_fleet_file_that_is_not_utf8_text_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(UserError) as caught:
+        fleet.load_fleet(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("body", [b'["Healthy"]', b'"Healthy"', b"null", b"3"])
+def test_ping_answering_json_that_is_not_an_object_gives_a_reason(body):
+    from client.torchserve import ping
+
+    http = FakeHTTP({"/ping": (200, body)})
+    assert ping(http.url).startswith("/ping answered 200")
+    http.close()
+
+
+def test_fleet_probe_thread_survives_a_probe_that_raises():
+    senders = [FakeSender(), FakeSender()]
+    senders[1].down = True
+    calls = []
+
+    def probe(state):
+        calls.append(state.replica.name)
+        if len(calls) < 3:
+            raise ServerUnavailable("cannot read key file /keys/r1.json")
+        return None
+
+    sender = fake_fleet(senders, probe=probe)
+    sender.classify(Path("x"), "a.png")
+    sender.classify(Path("x"), "b.png")  # r1 is tried (fewest sent), fails, is taken out
+    senders[1].down = False
+    assert wait_for(lambda: sender.states[1].healthy, 30), (calls, sender.states[1])
+    assert len(calls) >= 3 and sender._prober.is_alive()
+    sender.abort.set()
+
+
+def test_fleet_with_replicas_preprocessing_differently_refuses_to_start(monkeypatch):
+    from client import classify_dir, pixels
+
+    states = []
+    for i in range(3):
+        url = f"http://127.0.0.1:{9200 + 2 * i}"
+        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url), None)
+        states.append(fleet.ReplicaState(replica, replica.api()))
+    settings = {states[0].server: "size 224", states[1].server: "size 224", states[2].server: "size 256"}
+    monkeypatch.setattr(pixels, "fetch_settings", lambda server, model, version: settings[server])
+    with pytest.raises(UserError) as caught:
+        classify_dir.check_same_settings(states, "m", None)
+    message = str(caught.value)
+    assert "r0" in message and "r2" in message and "size 224" in message and "size 256" in message, message
+    states[2].healthy = False  # a replica that is out is not compared
+    classify_dir.check_same_settings(states, "m", None)
