@@ -4,14 +4,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
-from client.local_server import LocalServer
+from client.local_server import LocalServer, free_port_env
 from tests.tiny_model import make_tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,3 +105,46 @@ def rows_written(output: Path) -> int:
         return output.read_text(encoding="utf-8").count("\n")
     except FileNotFoundError:
         return 0
+
+
+@contextmanager
+def running_fleet(servers: list[Server], fleet_file: Path) -> Iterator[Path]:
+    """Start the servers side by side, write their fleet file (replicas ts-0, ts-1, ...); at the end
+    stop each by its pid, and kill workers a test's kill of their frontend left behind."""
+    used: set[int] = set()
+    for server in servers:  # free ports are picked one server at a time: two may draw the same
+        while used & set(server.ports.values()):
+            server.ports = free_port_env()
+        used |= set(server.ports.values())
+    errors: list[Exception] = []
+
+    def start(server: Server) -> None:
+        try:
+            server.start()
+        except Exception as e:  # noqa: BLE001 - reported below, after every start has ended
+            errors.append(e)
+
+    workers: list[int] = []
+    try:
+        threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        workers = [p.pid for s in servers if s.pid() for p in psutil.Process(s.pid()).children(recursive=True)]
+        if errors:
+            pytest.fail(f"a fleet server failed to start: {errors[0]}")
+        fleet_file.write_text("replicas:\n" + "".join(
+            f"  - name: ts-{i}\n    inference_url: {s.inference_url}\n"
+            f"    management_url: {s.management_url}\n    key_file: {s.key_file}\n"
+            for i, s in enumerate(servers)), encoding="utf-8")
+        yield fleet_file
+    finally:
+        closers = [threading.Thread(target=s.close) for s in servers]
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join()
+        for pid in workers:
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()

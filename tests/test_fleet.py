@@ -11,13 +11,22 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
 import pytest
 
 from client import fleet, shards
 from client.errors import ServerUnavailable, UserError
-from tests.conftest import MODEL, PYTHON, REPO, VERSION, archive, make_server, rows_written, wait_for, \
-    write_images
+from tests.conftest import (
+    MODEL,
+    PYTHON,
+    REPO,
+    VERSION,
+    archive,
+    make_server,
+    rows_written,
+    running_fleet,
+    wait_for,
+    write_images,
+)
 
 CLIENT = REPO / "scripts" / "classify_dir.py"
 MERGE = REPO / "scripts" / "merge_shards.py"
@@ -292,47 +301,9 @@ def fleet3(tmp_path_factory, tiny_run):
     store = base / "store"
     store.mkdir()
     archive(tiny_run, store, MODEL, VERSION)
-    servers, used = [], set()
-    for i in range(3):
-        server = make_server(base / f"ts-{i}", store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
-        while used & set(server.ports.values()):  # free ports are picked one server at a time
-            server = make_server(base / f"ts-{i}", store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
-        used |= set(server.ports.values())
-        servers.append(server)
-    errors: list[Exception] = []
-
-    def start(server) -> None:
-        try:
-            server.start()
-        except Exception as e:  # noqa: BLE001 - reported below, after every start has ended
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    workers = {s.pid(): [p.pid for p in psutil.Process(s.pid()).children(recursive=True)]
-               for s in servers if s.pid()}
-    try:
-        if errors:
-            pytest.fail(f"a fleet server failed to start: {errors[0]}")
-        fleet_file = base / "fleet.yaml"
-        fleet_file.write_text("replicas:\n" + "".join(
-            f"  - name: ts-{i}\n    inference_url: {s.inference_url}\n"
-            f"    management_url: {s.management_url}\n"
-            f"    key_file: {s.key_file}\n" for i, s in enumerate(servers)), encoding="utf-8")
+    servers = [make_server(base / f"ts-{i}", store, tiny_run, [f"{MODEL}-{VERSION}.mar"]) for i in range(3)]
+    with running_fleet(servers, base / "fleet.yaml") as fleet_file:
         yield servers, fleet_file
-    finally:
-        closers = [threading.Thread(target=s.close) for s in servers]
-        for t in closers:
-            t.start()
-        for t in closers:
-            t.join()
-        for pids in workers.values():  # a frontend killed by a test leaves its workers to exit alone
-            for pid in pids:
-                if psutil.pid_exists(pid):
-                    psutil.Process(pid).kill()
 
 
 def classify(fleet_file: Path, directory: Path, output: Path, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from client.fleet_rollout import fleet_rollout, parse_log_dirs
 from client.manage import get_args_parser
 from client.rollout import register
 from client.torchserve import TorchServe
-from tests.conftest import COLORS, LABELS, PYTHON, archive, make_server, wait_for, write_images
+from tests.conftest import COLORS, LABELS, PYTHON, archive, make_server, running_fleet, wait_for, write_images
 from tests.test_manage import MANAGE, THROTTLE, clone_mar
 
 pytestmark = pytest.mark.integration
@@ -43,29 +43,8 @@ def fleet(tmp_path_factory, tiny_run):
             for version in ("1", "2"):
                 clone_mar(source, store / f"{name}-{version}.mar", name, version)
         servers.append(make_server(store.parent, store, tiny_run, []))
-    errors: list[Exception] = []
-
-    def start(srv) -> None:
-        try:
-            srv.start()
-        except Exception as e:  # noqa: BLE001 - reported below, after every server was tried
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(srv,)) for srv in servers]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors[0]
-        fleet_file = base / "fleet.yaml"
-        fleet_file.write_text(json.dumps({"replicas": [
-            {"name": f"ts-{i}", "inference_url": srv.inference_url, "management_url": srv.management_url,
-             "key_file": str(srv.key_file)} for i, srv in enumerate(servers)]}))
+    with running_fleet(servers, base / "fleet.yaml") as fleet_file:
         yield servers, fleet_file, source
-    finally:
-        for srv in servers:
-            srv.close()
 
 
 def manage_fleet(fleet, command: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
