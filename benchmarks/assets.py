@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
+from client.local_server import LocalServer
 from handler.preprocessing import PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench"  # git-ignored: run folder, images, captum, model store, server logs
+SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
+                     r"latency ms p50 ([\d.]+) p95 ([\d.]+)")
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 ARCHIVER = ROOT / ".venv" / "bin" / "torch-model-archiver"
@@ -168,3 +176,27 @@ def archive_variant(run_dir: Path, store: Path, name: str, handler_dir: Path,
         (Path(work) / "model-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         return archive_project(run_dir, store, name, HANDLER_DIR=str(handler_dir),
                                MODEL_CONFIG=str(Path(work) / "model-config.yaml"))
+
+
+class CpuMeter:
+    """CPU seconds of this process, its finished children (the client) and a server's processes."""
+
+    def __init__(self, server: LocalServer | None = None):
+        self.frontend = psutil.Process(server.pid()) if server else None
+        self.workers = self.frontend.children(recursive=True) if self.frontend else []
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        def used(times) -> float:
+            return times.user + times.system
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        reading = {"this process": time.process_time(), "client": children.ru_utime + children.ru_stime}
+        if self.frontend:
+            reading["frontend (Java)"] = used(self.frontend.cpu_times())
+            reading["workers"] = sum(used(w.cpu_times()) for w in self.workers if w.is_running())
+        return reading
+
+    def per_image(self, images: int, parts: tuple[str, ...]) -> dict[str, float]:
+        """ms of CPU per image since construction, for the named parts."""
+        end = self._read()
+        return {part: (end[part] - self.start[part]) * 1000 / images for part in parts}

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import resource
 import statistics
 import subprocess
 import time
@@ -29,11 +27,11 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 import yaml
 
 from benchmarks import assets
+from benchmarks.assets import SUMMARY, WORK, CpuMeter
 from benchmarks.report import (
     SET_TITLES,
     format_cpu_table,
@@ -53,12 +51,9 @@ from handler import batch_inference, preprocessing, request_decoding
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORK = ROOT / "bench"  # git-ignored: run folder, images, captum, model store, server logs
 WARMUP_PASSES = 2  # untimed passes over a set before the served runs
 DISTURBED_SPREAD = 1.3  # fastest / slowest run of one path above this: other work shared the cores
 SPEC_KEYS = {"batch": "batchSize", "delay": "maxBatchDelay", "threads": "handler.cpu_threads"}
-SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
-                     r"latency ms p50 ([\d.]+) p95 ([\d.]+)")
 
 
 @dataclass
@@ -68,30 +63,6 @@ class Result:
     p95_ms: float
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU time per image, by process
     request_bytes: float | None = None  # request body bytes per image (served paths)
-
-
-class CpuMeter:
-    """CPU seconds of this process, its finished children (the client) and a server's processes."""
-
-    def __init__(self, server: LocalServer | None = None):
-        self.frontend = psutil.Process(server.pid()) if server else None
-        self.workers = self.frontend.children(recursive=True) if self.frontend else []
-        self.start = self._read()
-
-    def _read(self) -> dict[str, float]:
-        def used(times) -> float:
-            return times.user + times.system
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        reading = {"this process": time.process_time(), "client": children.ru_utime + children.ru_stime}
-        if self.frontend:
-            reading["frontend (Java)"] = used(self.frontend.cpu_times())
-            reading["workers"] = sum(used(w.cpu_times()) for w in self.workers if w.is_running())
-        return reading
-
-    def per_image(self, images: int, parts: tuple[str, ...]) -> dict[str, float]:
-        """ms of CPU per image since construction, for the named parts."""
-        end = self._read()
-        return {part: (end[part] - self.start[part]) * 1000 / images for part in parts}
 
 
 def median_result(results: list[Result]) -> Result:
@@ -419,7 +390,7 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
 
 def main(args: argparse.Namespace) -> None:
     if args.fleet_overhead:
-        from benchmarks import fleet  # imports this module: loaded only when asked for
+        from benchmarks import fleet  # its own measurement: loaded only when asked for
         return fleet.main(args)
     started = time.perf_counter()
     print(f"benchmark: {machine_description()}; load average {load_average()}", flush=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from benchmarks import assets
-from benchmarks.benchmark import SUMMARY, WORK, CpuMeter
+from benchmarks.assets import SUMMARY, WORK, CpuMeter
 from benchmarks.report import load_average, machine_description
 from client.local_server import LocalServer
 
