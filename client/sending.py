@@ -138,10 +138,15 @@ class Classifier:
     def _stop_without_workers(self) -> None:
         """After a last 503: ServerUnavailable when no worker of the version is READY (all would be 503)."""
         found = version_workers(self.server, self.model, self.version)
-        if found is not None and not any(w.get("status") == "READY" for w in found[1]):
+        if found is not None and not has_ready_worker(found[1]):
             raise ServerUnavailable(f"model '{self.model}' version {found[0]} has no READY worker and "
                                     f"answers 503; add one: scripts/manage.py scale {self.model} "
                                     f"{found[0]} --min 1")
+
+
+def has_ready_worker(workers: list) -> bool:
+    """True when one of describe's workers is READY, i.e. the version can answer now."""
+    return any(isinstance(w, dict) and w.get("status") == "READY" for w in workers)
 
 
 def version_workers(server: TorchServe, model: str, version: str | None) -> tuple[str, list[dict]] | None:
@@ -172,7 +177,7 @@ def check_ready(server: TorchServe, model: str, version: str | None) -> None:
         raise ServerUnavailable(f"model '{model}'" + (f" version {version}" if version else "")
                                 + f" is not registered on {server.management_url}")
     entry = description[0] if isinstance(description[0], dict) else {}
-    if not any(isinstance(w, dict) and w.get("status") == "READY" for w in entry.get("workers") or []):
+    if not has_ready_worker(entry.get("workers") or []):
         raise ServerUnavailable(f"model '{model}' version {entry.get('modelVersion')} has no READY "
                                 f"worker on {server.management_url}")
 

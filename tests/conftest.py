@@ -34,6 +34,7 @@ class Server(LocalServer):
     run_dir: Path | None = None
     model: str = MODEL
     version: str = VERSION
+    source_mar: Path | None = None  # an archive outside the store, to clone versions from
 
     def workers(self) -> list[dict]:
         """The served version's workers from the management API."""
@@ -43,6 +44,16 @@ class Server(LocalServer):
 def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
     """A Server description on six fresh ports (not started)."""
     return Server(base=base, store=store, run_dir=run_dir, mars=mars)
+
+
+def server_without_models(base: Path, tiny_run: Path) -> Server:
+    """A Server (not started) that starts with no model and an empty store, so a module can change its
+    model set freely; `source_mar`, the tiny archive kept outside the store, is what it clones."""
+    store = base / "store"
+    store.mkdir()
+    server = make_server(base, store, tiny_run, [])
+    server.source_mar = archive(tiny_run, base, "tiny", "source")
+    return server
 
 
 def archive(run_dir: Path, store: Path, name: str, version: str) -> Path:

@@ -16,7 +16,7 @@ import requests
 
 from client import torchserve
 from client.local_server import free_ports
-from tests.conftest import PYTHON, archive, make_server, wait_for, write_images
+from tests.conftest import PYTHON, server_without_models, wait_for, write_images
 from tests.test_manage import MANAGE, clone_mar, default, predict, server_flags, versions
 
 pytestmark = pytest.mark.integration
@@ -65,18 +65,14 @@ def manage(srv, command: str, *args: str, log_dir: Path | None = None,
 @pytest.fixture(scope="module")
 def aserver(tmp_path_factory, tiny_run):
     """A TorchServe of this module alone, started with no model; the archives are clones of tiny."""
-    base = tmp_path_factory.mktemp("ts-adv-manage")
-    store = base / "store"
-    store.mkdir()
-    source = archive(tiny_run, base, "tiny", "source")  # outside the store: only clones are served
+    srv = server_without_models(tmp_path_factory.mktemp("ts-adv-manage"), tiny_run)
+    source, store = srv.source_mar, srv.store
     clone_mar(source, store / "acc-1.mar", "acc", "1")
     clone_mar(source, store / "acc-2.mar", "acc", "2", SHIFTED)
     clone_mar(source, store / "acc-3.mar", "acc", "3", FOUR_LABELS)
     clone_mar(source, store / "acx-1.mar", "acx", "1")
     slow_mar(source, store / "slow-1.mar", "slow", "1")
     clone_mar(source, store / "slow-2.mar", "slow", "2")
-    srv = make_server(base, store, tiny_run, [])
-    srv.source_mar = source
     with srv.running():
         yield srv
 

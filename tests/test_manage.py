@@ -12,7 +12,8 @@ from PIL import Image
 from client import errors, torchserve
 from client.local_server import free_ports
 from client.rollout import read_manifest
-from tests.conftest import COLORS, PYTHON, REPO, archive, make_server, rows_written, wait_for, write_images
+from tests.conftest import (COLORS, PYTHON, REPO, rows_written, server_without_models,
+                            wait_for, write_images)
 
 pytestmark = pytest.mark.integration
 
@@ -75,15 +76,10 @@ def predict(srv, name: str, color: str = "red", version: str | None = None):
 @pytest.fixture(scope="module")
 def mserver(tmp_path_factory, tiny_run):
     """A TorchServe started with no model, for this module alone: its model set is ours to change."""
-    base = tmp_path_factory.mktemp("ts-manage")
-    store = base / "store"
-    store.mkdir()
-    source = archive(tiny_run, base, "tiny", "source")  # outside the store: only clones are served
+    srv = server_without_models(tmp_path_factory.mktemp("ts-manage"), tiny_run)
     for name in ("trip", "tiny", "guard"):
         for version in ("1", "2"):
-            clone_mar(source, store / f"{name}-{version}.mar", name, version)
-    srv = make_server(base, store, tiny_run, [])
-    srv.source_mar = source
+            clone_mar(srv.source_mar, srv.store / f"{name}-{version}.mar", name, version)
     with srv.running():
         yield srv
 
