@@ -46,7 +46,7 @@ from benchmarks.report import (
 from client.local_server import LocalServer
 from client.results import percentile
 from client import pixels
-from client.torchserve import Keys, TorchServe, new_session
+from core.torchserve import Keys, TorchServe, new_session
 from handler import batch_inference, preprocessing, request_decoding
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,13 @@
 One POST per image to /predictions/MODEL[/VERSION] with many requests in flight, so
 the server fills its batches; one result row per file (JSONL, or CSV by the output's
 extension) written and flushed as the answers arrive, so a kill loses only the files
-in flight and `--resume` finishes the run.
+in flight and `--resume` finishes the run. One server (--url) is a fleet of one: the
+same code spreads the files over a fleet file's replicas.
+
+Exit codes (docs/exit-codes.md): 0 the run finished and at most --max-failed-share of
+the files failed (bad images are error rows); 1 more failed; 2 usage or configuration
+error, never worth retrying as it is; 3 no replica could be used, worth retrying later
+(--resume keeps the rows); 130 interrupted (SIGINT or SIGTERM), rows kept.
 
     .venv/bin/python scripts/classify_dir.py DIR --model NAME [--class-folders]
 """
@@ -12,23 +18,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Iterator
 
 from tqdm import tqdm
 
 from client import pixels
-from client.errors import Refused, ServerUnavailable, UserError, run_main
-from client.fleet import ReplicaState, first_healthy, load_fleet, probe_replicas, start_fleet
+from client.dispatch import DEFAULT_GRACE_S, Dispatcher, ReplicaState, healthy_servers, probe_replicas
+from client.fleet import replicas_from_args
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
-from client.sending import (Classifier, VersionTracker, check_ready, check_workers, resolve_model,
-                            wait_for_server)
+from client.sending import Classifier, Retry, RunCheck, resolve_model
 from client.shards import parse_shard, shard_of
-from client.torchserve import DEFAULT_INFERENCE_URL, TorchServe, add_server_flags
-from client.walk import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, true_label_of
+from core.errors import EXIT_FAILED, EXIT_OK, ServerUnavailable, UserError, run_main
+from core.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, parse_extensions, true_label_of
+from core.torchserve import add_server_flags
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,7 +49,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_server_flags(parser)
     parser.add_argument("--fleet", default=None, metavar="FILE",
                         help="fleet file (YAML or JSON): spread the files over its replicas, each with its "
-                             "own URLs and key file, instead of --url")
+                             "own URLs and credentials, instead of --url")
+    parser.add_argument("--allow-mixed-versions", action="store_true",
+                        help="without --version: accept replicas (and --resume rows) of different default "
+                             "versions; by default they must all serve one")
+    parser.add_argument("--max-failed-share", type=float, default=0.05, metavar="SHARE",
+                        help="exit 1 when more than this share (0-1) of the files failed; bad images are "
+                             "error rows, not a failed run (default: %(default)s)")
+    parser.add_argument("--give-up-after", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                        help="stop (exit 3, rows kept) when no replica has answered for this long "
+                             "(default: %(default)s)")
     parser.add_argument("--shard", default=None, metavar="K/N",
                         help="classify only shard K of N (K from 0) of DIR's files, chosen by a hash of "
                              "each relative path; merge the outputs with scripts/merge_shards.py")
@@ -56,8 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extensions", default=DEFAULT_EXTENSIONS,
                         help="comma-separated file extensions to classify, any case (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=3,
-                        help="retries of a transient failure (refused/reset connection, timeout, "
-                             "502/503/504/507), with exponential backoff (default: %(default)s)")
+                        help="retries of a file after a transient failure (502/503/504/507 with exponential "
+                             "backoff; a timeout or cut connection, on another replica) (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for one answer (default: %(default)s)")
     parser.add_argument("--max-request-size", type=int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
@@ -74,145 +91,175 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_same_settings(states: list[ReplicaState], model: str, version: str | None) -> None:
-    """UserError when two healthy replicas preprocess differently: client-side pixels suit only one."""
-    seen: tuple[str, object] | None = None
-    for state in states:
-        if not state.healthy:
-            continue
-        try:
-            settings = pixels.fetch_settings(state.server, model, version)
-        except (Refused, ServerUnavailable) as e:  # a passing failure must not block the run: said, not fatal
-            logging.getLogger("classify_dir").warning("preprocessing settings of replica %s not compared: %s",
-                                                      state.replica.name, e)
-            continue
-        if seen is None:
-            seen = (state.replica.name, settings)
-        elif settings != seen[1]:
-            name = state.replica.name
-            raise UserError(f"replicas {seen[0]} and {name} serve '{model}' with different preprocessing "
-                            f"settings ({seen[0]}: {seen[1]}; {name}: {settings}); deploy the same version "
-                            f"everywhere or use --preprocess server")
+@dataclass(frozen=True)
+class Plan:
+    """What a run covers and where its rows go, from the flags, checked before any request."""
+
+    root: Path
+    extensions: set[str]
+    recursive: bool
+    shard: tuple[int, int] | None
+    output: Path
+    fields: tuple[str, ...]
+    png: Path  # the confusion matrix, with class folders
 
 
-def main(args: argparse.Namespace) -> int:
-    """Classify DIR; return the exit code (0 all ok, 1 some files failed)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+def plan_run(args: argparse.Namespace) -> Plan:
+    """The run's plan; UserError for every usage mistake, before anything is sent."""
     root = Path(args.dir)
     if not root.is_dir():
         raise UserError(f"not a folder: {args.dir}")
     if (args.concurrency < 1 or args.topk < 1 or args.retries < 0 or args.timeout <= 0
-            or args.max_request_size < 1):
+            or args.max_request_size < 1 or args.give_up_after <= 0):
         raise UserError("--concurrency, --topk and --max-request-size must be >= 1, --retries >= 0, "
-                        "--timeout > 0")
-    extensions = {("." + e.strip().lstrip(".")).lower() for e in args.extensions.split(",") if e.strip()}
-    if not extensions:
-        raise UserError("--extensions names no extension")
-    shard = parse_shard(args.shard) if args.shard else None
-    if args.fleet and (args.url != DEFAULT_INFERENCE_URL or args.management_url or args.token_file):
-        raise UserError("--fleet names each replica's URLs and key file: drop --url, --management-url "
-                        "and --token-file")
+                        "--timeout and --give-up-after > 0")
+    if not 0 <= args.max_failed_share <= 1:
+        raise UserError(f"--max-failed-share must be between 0 and 1, not {args.max_failed_share}")
     output = Path(args.output)
-    replicas = load_fleet(args.fleet) if args.fleet else None
-    server = TorchServe.from_args(args, timeout=args.timeout) if replicas is None else None
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
-    fields = FIELDS + (("true_label",) if args.class_folders else ())
-    png = output.with_name(output.stem + ".confusion.png")
+    return Plan(root, parse_extensions(args.extensions), not args.no_recursive,
+                parse_shard(args.shard) if args.shard else None, output,
+                FIELDS + (("true_label",) if args.class_folders else ()),
+                output.with_name(output.stem + ".confusion.png"))
 
-    if replicas is None:
-        wait_for_server(server, args.retries)
-    else:
-        states = probe_replicas(replicas, args.timeout)
-        server = first_healthy(states, args.fleet)  # every replica serves the same model
-    model = resolve_model(args, server)
-    check_workers(server, model, args.version)
-    if replicas is not None and args.preprocess != "server":
-        check_same_settings(states, model, args.version)
-    preprocess_mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
 
-    def make_classifier(server: TorchServe) -> Classifier:
-        versions = VersionTracker(server, model, args.version)
-        return Classifier(server, model, args.version, versions, topk=args.topk, retries=args.retries,
-                          timeout=args.timeout, max_bytes=args.max_request_size, prepare=prepare)
+def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) -> RunCheck:
+    """The checks every replica must pass, from what the healthy ones serve now: one default version
+    (unless --version or --allow-mixed-versions) and, for client-side pixels, one preprocessing."""
+    healthy = [s for s in states if s.healthy]
+    default = None
+    if args.version is None and not args.allow_mixed_versions:
+        versions = {s.replica.name: s.server.default_version(model) for s in healthy}
+        if len(set(versions.values())) > 1:
+            named = "; ".join(f"{name}: {v or 'not registered'}" for name, v in versions.items())
+            raise UserError(f"the replicas serve different default versions of '{model}' ({named}); pass "
+                            f"--version, or --allow-mixed-versions to accept rows of each")
+        default = next(iter(versions.values()), None)
+    settings = None
+    if args.preprocess != "server":
+        found = {s.replica.name: pixels.fetch_settings(s.server, model, args.version) for s in healthy}
+        distinct = list(dict.fromkeys(found.values()))
+        if len(distinct) > 1:
+            (a, sa), (b, sb) = [next((n, v) for n, v in found.items() if v == d) for d in distinct[:2]]
+            raise UserError(f"replicas {a} and {b} serve '{model}' with different preprocessing settings "
+                            f"({a}: {sa}; {b}: {sb}); deploy the same version everywhere or use "
+                            f"--preprocess server")
+        settings = distinct[0] if distinct else None
+    return RunCheck(model, args.version, default, settings)
 
-    if replicas is None:
-        classifier, capacity = make_classifier(server), args.concurrency
-        replica = urlsplit(server.url).netloc  # rows of a single --url name its HOST:PORT
-    else:  # --concurrency in flight per replica; a replica failing the model checks starts out
-        classifier = start_fleet(states, args.concurrency, make_classifier,
-                                 lambda s: check_workers(s, model, args.version), args.fleet,
-                                 ready=lambda s: check_ready(s, model, args.version))
-        capacity, replica = args.concurrency * len(replicas), None
-    stats = Stats()
-    done = keep_finished_rows(output, fields, stats) if args.resume else set()
-    outside = sorted(p for p in done if shard and shard_of(p, shard[1]) != shard[0])
-    if outside:
-        raise UserError(f"{output} has rows of files outside shard {args.shard} (e.g. {outside[0]}): "
-                        f"written with another --shard? give each shard its own --output")
-    writer = RowWriter(output, fields, append=args.resume)
-    skip = frozenset({output, png})  # matched by file identity: DIR may be relative, or reach them by a link
-    started = time.perf_counter()
-    fatal, interrupted = None, False
-    bar = tqdm(unit="file", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    pool = ThreadPoolExecutor(capacity, thread_name_prefix="classify")
-    pending: set = set()
-    walked = 0
 
-    def collect() -> None:
-        nonlocal pending, fatal
-        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
+    """Replicas -> probed, model resolved and checked on each -> the run's dispatcher, its model, the
+    preprocessing mode used and the run's checks. A replica failing a check starts out, with its reason."""
+    replicas, source = replicas_from_args(args)
+    states = probe_replicas(replicas, args.timeout)
+    model = resolve_model(args, healthy_servers(states, source))
+    check = run_check(args, states, model)
+    for state in states:
+        if state.healthy:
+            why = check.problem(state.server, ready=False)
+            state.healthy, state.why = why is None, why
+    server = healthy_servers(states, source)[0]
+    mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
+    for state in states:
+        state.sender = Classifier(state.server, model, args.version, topk=args.topk, timeout=args.timeout)
+
+    def admit(state: ReplicaState) -> str | None:
+        try:
+            return state.server.ping() or check.problem(state.server, ready=True)
+        except ServerUnavailable as e:
+            return str(e)
+
+    dispatcher = Dispatcher(states, args.concurrency, Retry(total=args.retries), prepare=prepare,
+                            max_bytes=args.max_request_size, model=model, admit=admit,
+                            grace=args.give_up_after)
+    return dispatcher, model, mode, check
+
+
+class Walk:
+    """(path, relative path) of every file of the run still to do; `seen` counts every file walked."""
+
+    def __init__(self, plan: Plan, done: set[str]):
+        self.plan, self.done, self.seen = plan, done, 0
+
+    def __iter__(self) -> Iterator[tuple[Path, str]]:
+        plan = self.plan
+        skip = frozenset({plan.output, plan.png})  # matched by identity: DIR may reach them by a link
+        for path in iter_files(plan.root, plan.extensions, plan.recursive, skip):
+            rel = path.relative_to(plan.root).as_posix()
+            self.seen += 1
+            if rel not in self.done and not (plan.shard and shard_of(rel, plan.shard[1]) != plan.shard[0]):
+                yield path, rel
+
+
+class Run:
+    """Sends the files with `capacity` in flight and writes each row as its answer arrives."""
+
+    def __init__(self, dispatcher: Dispatcher, writer: RowWriter, stats: Stats, capacity: int,
+                 class_folders: bool):
+        self.dispatcher, self.writer, self.stats = dispatcher, writer, stats
+        self.capacity, self.class_folders = capacity, class_folders
+        self.pending: set[Future] = set()
+        self.fatal: str | None = None
+        self.bar = tqdm(unit="file", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+    def send_all(self, files: Iterator[tuple[Path, str]]) -> None:
+        """Every file through the dispatcher; stops sending at the first fatal error."""
+        pool = ThreadPoolExecutor(self.capacity, thread_name_prefix="classify")
+        interrupted = False
+        try:
+            for path, rel in files:
+                while len(self.pending) >= self.capacity and self.fatal is None:
+                    self.collect()
+                if self.fatal is not None:
+                    break
+                future = pool.submit(self.dispatcher.classify, path, rel)
+                future.rel = rel  # named if it fails unexpectedly
+                self.pending.add(future)
+            while self.pending:
+                self.collect()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.dispatcher.abort.set()
+            raise
+        finally:
+            # interrupted: no waiting for the requests in flight (up to --timeout); the rows written stay
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
+            self.bar.close()
+
+    def collect(self) -> None:
+        """Write the rows of the requests that finished; a fatal error stops the run."""
+        finished, self.pending = wait(self.pending, return_when=FIRST_COMPLETED)
         for future in finished:
             try:
                 result = future.result()
             except ServerUnavailable as e:
-                fatal = fatal or str(e)
-                classifier.abort.set()
+                self.stop(str(e))
                 continue
             except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: stop, the rows kept
-                fatal = fatal or f"unexpected {type(e).__name__} while sending {future.rel}: {e}"
-                classifier.abort.set()
+                self.stop(f"unexpected {type(e).__name__} while sending {future.rel}: {e}")
                 continue
-            if result is None:
-                continue
-            row, reason = result
-            row.setdefault("replica", replica)
-            if args.class_folders:
-                row["true_label"] = true_label_of(row["path"])
-            writer.write(row)
-            stats.add(row, reason)
-            bar.update(1)
-            bar.set_postfix(ok=stats.ok, failed=sum(stats.failed.values()), refresh=False)
+            if result is not None:
+                self.write(*result)
 
-    try:
-        for path in iter_files(root, extensions, not args.no_recursive, skip):
-            rel = path.relative_to(root).as_posix()
-            walked += 1
-            if rel in done or (shard and shard_of(rel, shard[1]) != shard[0]):
-                continue
-            while len(pending) >= capacity and fatal is None:
-                collect()
-            if fatal is not None:
-                break
-            future = pool.submit(classifier.classify, path, rel)
-            future.rel = rel  # named if it fails unexpectedly
-            pending.add(future)
-        while pending:
-            collect()
-    except KeyboardInterrupt:
-        interrupted = True
-        classifier.abort.set()
-        raise KeyboardInterrupt(f"{stats.files} rows kept in {output}; "
-                                f"rerun with --resume to finish") from None
-    finally:
-        # interrupted: no waiting for the requests in flight (up to --timeout); the rows written stay
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
-        writer.close()
-        bar.close()
-    elapsed = time.perf_counter() - started
-    if walked == 0 and fatal is None:
-        raise UserError(f"no files with extensions {','.join(sorted(extensions))} under {root}")
+    def stop(self, why: str) -> None:
+        self.fatal = self.fatal or why
+        self.dispatcher.abort.set()
 
+    def write(self, row: dict, reason: str | None) -> None:
+        if self.class_folders:
+            row["true_label"] = true_label_of(row["path"])
+        self.writer.write(row)
+        self.stats.add(row, reason)
+        self.bar.update(1)
+        self.bar.set_postfix(ok=self.stats.ok, failed=sum(self.stats.failed.values()), refresh=False)
+
+
+def summarise(args: argparse.Namespace, plan: Plan, run: Run, walked: int, model: str, mode: str,
+              elapsed: float) -> int:
+    """Print the summary lines; the exit code (0, or 1 when more than --max-failed-share failed)."""
+    stats = run.stats
     failed = sum(stats.failed.values())
     reasons = ", ".join(f"{r}: {n}" for r, n in stats.failed.most_common())
     run_files = stats.files - stats.resumed
@@ -220,20 +267,67 @@ def main(args: argparse.Namespace) -> int:
           + f", ok {stats.ok}, failed {failed}" + (f" ({reasons})" if reasons else "")
           + f"; {run_files / max(elapsed, 1e-9):.1f} images/s over {elapsed:.1f}s; latency ms "
           f"p50 {stats.percentile(50):.1f} p95 {stats.percentile(95):.1f} p99 {stats.percentile(99):.1f}")
-    if replicas is not None:
-        print("\n".join(classifier.summary(elapsed)))
-    if args.class_folders and fatal is None:
-        print(report_class_metrics(stats, png))
-    if fatal is not None:
-        raise ServerUnavailable(f"{fatal}; {stats.files} rows kept in {output}: rerun with --resume to finish")
-    print(f"classify_dir: {stats.ok}/{stats.files} ok with {model}"
-          + (f", shard {args.shard} of {walked} files" if shard else "") + f" -> {output} "
-          f"(preprocess {preprocess_mode})")
-    return 1 if failed else 0
+    print("\n".join(run.dispatcher.summary(elapsed)))
+    if len(stats.versions) > 1:
+        print("versions: " + ", ".join(f"{v}: {n} rows" for v, n in sorted(stats.versions.items())))
+    if args.class_folders and run.fatal is None:
+        print(report_class_metrics(stats, plan.png))
+    if run.fatal is not None:
+        raise ServerUnavailable(f"{run.fatal}; {stats.files} rows kept in {plan.output}: rerun with --resume "
+                                f"to finish")
+    versions = "/".join(sorted(stats.versions)) or "?"
+    print(f"classify_dir: {stats.ok}/{stats.files} ok with {model} {versions}"
+          + (f", shard {args.shard} of {walked} files" if plan.shard else "")
+          + f" -> {plan.output} (preprocess {mode})")
+    share = failed / max(1, stats.files)
+    if share > args.max_failed_share:
+        print(f"classify_dir: {failed} of {stats.files} files failed ({share:.1%}), more than "
+              f"--max-failed-share {args.max_failed_share:g}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(args: argparse.Namespace) -> int:
+    """Classify DIR: walk -> prepare and send (the dispatcher) -> write -> summarise; the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    plan = plan_run(args)
+    dispatcher, model, mode, check = connect(args)
+    try:
+        stats = Stats()
+        done = set()
+        if args.resume:
+            done = keep_finished_rows(plan.output, plan.fields, stats, model,
+                                      None if args.allow_mixed_versions else (check.version or check.default_version))
+        outside = sorted(p for p in done if plan.shard and shard_of(p, plan.shard[1]) != plan.shard[0])
+        if outside:
+            raise UserError(f"{plan.output} has rows of files outside shard {args.shard} (e.g. {outside[0]}): "
+                            f"written with another --shard? give each shard its own --output")
+        writer = RowWriter(plan.output, plan.fields, append=args.resume)
+        run = Run(dispatcher, writer, stats, args.concurrency * len(dispatcher.states), args.class_folders)
+        files = Walk(plan, done)
+        started = time.perf_counter()
+        try:
+            run.send_all(iter(files))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"{stats.files} rows kept in {plan.output}; "
+                                    f"rerun with --resume to finish") from None
+        finally:
+            writer.close()
+        elapsed = time.perf_counter() - started
+    finally:
+        dispatcher.close()
+    if files.seen == 0 and run.fatal is None:
+        raise UserError(f"no files with extensions {','.join(sorted(plan.extensions))} under {plan.root}")
+    return summarise(args, plan, run, files.seen, model, mode, elapsed)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt()
 
 
 def run(args: argparse.Namespace) -> int:
-    """main, except that Ctrl-C leaves at once with exit code 130, the rows written kept."""
+    """main, except that Ctrl-C or SIGTERM (a pod's stop) leaves at once with exit code 130, rows kept."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main(args)
     except KeyboardInterrupt as e:

@@ -1,37 +1,38 @@
-"""The fleet file: the TorchServe replicas a command spreads its work over, each with its URLs and keys.
+"""The replicas a command works on: a fleet file's, or the one server of --url (a fleet of one).
 
-YAML (or JSON, which is YAML too), as deploy/kubernetes/make_fleet.py writes it:
+The fleet file is YAML (or JSON, which is YAML too), as deploy/kubernetes/make_fleet.py writes it:
 
     replicas:
       - name: ts-0                                  # unique; result rows name the replica that answered
-        inference_url: http://ts-0.ts.ml.svc.cluster.local:8080
-        management_url: http://ts-0.ts.ml.svc.cluster.local:8081   # default: inference port + 1
-        key_file: /keys/ts-0/key_file.json          # that replica's key file; relative to the fleet file
-                                                    # (none: no keys, never the local key_file.json)
+        inference_url: http://ts-0.ts.ml.svc.cluster.local:8090
+        management_url: http://ts-0.ts.ml.svc.cluster.local:8091   # default: inference port + 1
+        token_file: /tokens/inference               # behind the front proxy: the inference token
+        management_token_file: /tokens/management   # only where management commands run
+      - name: local
+        inference_url: http://127.0.0.1:8080
+        key_file: key_file.json                     # TorchServe's own key file (token auth on)
 
-Every mistake is a UserError naming the file and the entry at fault.
-
-A run over the fleet (FleetSender) sends each file to the healthy replica with the fewest
-requests in flight that has room; a replica that stops answering is taken out, probed back in,
-and the files it held are sent again elsewhere, so every file still gets exactly one row.
+Paths are relative to the fleet file; an entry names key_file or token_file, never both (neither:
+no credentials, never the local key_file.json). Every mistake is a UserError naming the file and
+the entry at fault; two entries that reach the same server (127.0.0.1, localhost, 127.1) are one.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
 from urllib.parse import urlsplit
 
 import yaml
 
-from client.errors import Refused, ServerUnavailable, UserError
-from client.torchserve import Keys, TorchServe, management_url_for, ping
+from core.errors import UserError
+from core.torchserve import DEFAULT_INFERENCE_URL, Keys, TorchServe, find_key_file, management_url_for
 
-ENTRY_KEYS = {"name", "inference_url", "management_url", "key_file"}
+CREDENTIALS = ("key_file", "token_file", "management_token_file")
+ENTRY_KEYS = {"name", "inference_url", "management_url", *CREDENTIALS}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
@@ -42,15 +43,20 @@ class Replica:
     name: str
     inference_url: str
     management_url: str
-    key_file: Path | None
+    key_file: Path | None = None
+    token_file: Path | None = None
+    management_token_file: Path | None = None
+    log_dir: Path | None = None  # its TorchServe's log folder, when this machine can read it
 
     def api(self, timeout: float = 10.0) -> TorchServe:
-        """This replica's management and inference APIs, with its own keys (none without a key_file)."""
-        keys = Keys(self.key_file, self.management_url, default_file=False)  # never the local server's keys
+        """This replica's management and inference APIs, with its own credentials (none: no keys)."""
+        keys = Keys(self.key_file, self.management_url, default_file=False,  # never the local server's keys
+                    token_file=self.token_file, management_token_file=self.management_token_file)
         return TorchServe(self.inference_url, self.management_url, keys, timeout=timeout)
 
 
 def _url(value: object, where: str, key: str) -> str:
+    """A server's base URL, checked; UserError naming `where` and `key` otherwise."""
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: {key} must be a URL such as http://HOST:PORT, got {value!r}")
     parts = urlsplit(value.strip())
@@ -89,11 +95,16 @@ def parse_fleet(data: object, source: str, base: Path) -> list[Replica]:
         inference = _url(entry.get("inference_url"), where, "inference_url")
         management = (_url(entry["management_url"], where, "management_url") if entry.get("management_url")
                       else management_url_for(inference))
-        key_file = entry.get("key_file")
-        if key_file is not None and (not isinstance(key_file, str) or not key_file.strip()):
-            raise UserError(f"{where}: key_file must be a path, got {key_file!r}")
-        key_path = (base / Path(key_file).expanduser()) if key_file else None
-        replicas.append(Replica(name, inference, management, key_path))
+        files = {}
+        for key in CREDENTIALS:
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise UserError(f"{where}: {key} must be a path, got {value!r}")
+            files[key] = (base / Path(value).expanduser()) if value else None
+        if files["key_file"] and (files["token_file"] or files["management_token_file"]):
+            raise UserError(f"{where}: name key_file (TorchServe's own keys) or token_file / "
+                            f"management_token_file (the front proxy's tokens), not both")
+        replicas.append(Replica(name, inference, management, **files))
     for kind in ("name", "inference_url", "management_url"):
         seen: dict[str, int] = {}
         for index, replica in enumerate(replicas):
@@ -102,7 +113,33 @@ def parse_fleet(data: object, source: str, base: Path) -> list[Replica]:
                 raise UserError(f"{source}: replicas[{seen[value]}] and replicas[{index}] have the same "
                                 f"{kind} {value!r}")
             seen[value] = index
+    refuse_same_server(replicas, source)
     return replicas
+
+
+def _endpoints(url: str) -> set[tuple[str, int]]:
+    """The (address, port) pairs a URL's host resolves to; empty when it does not resolve now."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return set()
+    return {(info[4][0], port) for info in infos}
+
+
+def refuse_same_server(replicas: list[Replica], source: str) -> None:
+    """UserError when two entries reach one server (the same resolved address and port) under two
+    spellings: it would get twice the load, and a rollout would act on it twice."""
+    seen: list[tuple[set[tuple[str, int]], int]] = []
+    for index, replica in enumerate(replicas):
+        ends = _endpoints(replica.inference_url)
+        for other_ends, other in seen:
+            if ends & other_ends:
+                address, port = sorted(ends & other_ends)[0]
+                raise UserError(f"{source}: replicas[{other}] ({replicas[other].name}) and replicas[{index}] "
+                                f"({replica.name}) are the same server ({address} port {port}); list it once")
+        seen.append((ends, index))
 
 
 def load_fleet(path: str | Path) -> list[Replica]:
@@ -125,211 +162,49 @@ def load_fleet(path: str | Path) -> list[Replica]:
     return parse_fleet(data, str(path), path.parent)
 
 
-class Sender(Protocol):
-    """What FleetSender needs of one replica's classifier (client.sending.Classifier)."""
-
-    abort: threading.Event
-
-    def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None: ...
-
-
-PROBE_INTERVAL_S = 1.0  # how often a replica that was taken out is asked /ping
-ALL_DOWN_GRACE_S = 30.0  # with every replica out this long, the run stops (exit 2, rows kept)
-
-
-@dataclass
-class ReplicaState:
-    """One replica during a run: its sender, what it holds, whether it is in, what it did."""
-
-    replica: Replica
-    server: TorchServe
-    sender: Sender | None = None
-    in_flight: int = 0
-    sent: int = 0
-    healthy: bool = True
-    why: str | None = None  # why it was last taken out
-    taken_out: int = 0
-    files: int = 0
-    errors: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-def probe_replicas(replicas: list[Replica], timeout: float) -> list[ReplicaState]:
-    """Each replica's APIs and /ping in parallel; those that do not answer Healthy start out."""
-    states = [ReplicaState(r, r.api(timeout=timeout)) for r in replicas]
-    with ThreadPoolExecutor(min(16, len(states)), thread_name_prefix="probe") as pool:
-        answers = list(pool.map(_ping, states))
-    for state, why in zip(states, answers, strict=True):
-        state.healthy, state.why = why is None, why
-    return states
+def replicas_from_args(args: argparse.Namespace) -> tuple[list[Replica], str]:
+    """The replicas a command works on and what names them in messages: --fleet's, or one server from
+    --url, --management-url and the credentials flags, named HOST:PORT (a fleet of one)."""
+    one = ("url", "management_url", "token_file", "inference_token_file", "management_token_file")
+    if getattr(args, "fleet", None):
+        given = [f"--{flag.replace('_', '-')}" for flag in one if getattr(args, flag, None) is not None]
+        if given:
+            raise UserError(f"--fleet names each replica's URLs and credentials: drop {', '.join(given)}")
+        replicas = load_fleet(args.fleet)
+        dirs = replica_log_dirs(args, replicas)
+        return [dataclasses.replace(r, log_dir=d) for r, d in zip(replicas, dirs)], str(args.fleet)
+    if getattr(args, "replica_log_dir", None):
+        raise UserError("--replica-log-dir needs --fleet (one server: --log-dir)")
+    url = _url(args.url or DEFAULT_INFERENCE_URL, "--url", "the URL")
+    management = _url(args.management_url, "--management-url", "the URL") if args.management_url else None
+    tokens = args.inference_token_file or args.management_token_file
+    if tokens and args.token_file:
+        raise UserError("--token-file (TorchServe's key_file.json) or --inference-token-file / "
+                        "--management-token-file (the front proxy's tokens), not both")
+    for flag in ("token_file", "inference_token_file", "management_token_file"):
+        value = getattr(args, flag, None)
+        if value and not Path(value).expanduser().is_file():
+            raise UserError(f"--{flag.replace('_', '-')} not found: {value}")
+    replica = Replica(urlsplit(url).netloc, url, management or management_url_for(url),
+                      key_file=None if tokens else find_key_file(args.token_file),
+                      token_file=_path(args.inference_token_file),
+                      management_token_file=_path(args.management_token_file),
+                      log_dir=getattr(args, "log_dir", None))
+    return [replica], url
 
 
-def _ping(state: ReplicaState) -> str | None:
-    """/ping's answer; an unreadable key file too is a reason to keep the replica out, not a crash."""
-    try:
-        return ping(state.server.url, state.server.keys)
-    except ServerUnavailable as e:
-        return str(e)
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
 
 
-class _Abort(threading.Event):
-    """The run's abort: setting it stops every replica's sender too."""
-
-    def __init__(self, fleet: "FleetSender"):
-        super().__init__()
-        self._fleet = fleet
-
-    def set(self) -> None:
-        super().set()
-        for state in self._fleet.states:
-            if state.sender is not None:
-                state.sender.abort.set()
-        with self._fleet.changed:
-            self._fleet.changed.notify_all()
-
-
-class FleetSender:
-    """Spreads one run's files over the replicas; the same classify() as one replica's Classifier."""
-
-    def __init__(self, states: list[ReplicaState], per_replica: int, *,
-                 probe_interval: float = PROBE_INTERVAL_S, grace: float = ALL_DOWN_GRACE_S,
-                 probe: Callable[[ReplicaState], str | None] | None = None):
-        self.states, self.per_replica = states, per_replica
-        self.probe_interval, self.grace = probe_interval, grace
-        self.probe = probe or _ping  # None: put it back in
-        self.changed = threading.Condition()
-        self.abort = _Abort(self)
-        self._all_out_since = None if any(s.healthy for s in states) else time.monotonic()
-        self._prober = threading.Thread(target=self._probe_loop, name="fleet-probe", daemon=True)
-        self._prober.start()
-
-    def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
-        """One file -> (row naming its replica, failure reason); sent again elsewhere if its replica fails."""
-        timeouts = 0
-        while not self.abort.is_set():
-            state = self._acquire()
-            if state is None:
-                return None
-            try:
-                result = state.sender.classify(path, rel)
-            except ServerUnavailable as e:  # unreachable, key refused, model or workers gone there
-                self._take_out(state, str(e))
-                continue
-            finally:
-                self._release(state)
-            if result is None:  # its replica was taken out while the file was there, or the run stopped
-                continue
-            row, reason = result
-            if reason == "timeout" and timeouts < len(self.states) - 1:
-                timeouts += 1  # a replica that stops answering holds requests without refusing them
-                self._take_out(state, row.get("error") or "timeout")
-                continue
-            with self.changed:  # a real answer: only now is the fleet no longer all out
-                self._all_out_since = None
-            row["replica"] = state.replica.name
-            with state.lock:
-                state.files += 1
-                state.errors += row.get("status") != "ok"
-            return row, reason
-        return None
-
-    def _acquire(self) -> ReplicaState | None:
-        """The healthy replica with the fewest requests in flight and room; waits while there is none."""
-        with self.changed:
-            while not self.abort.is_set():
-                room = [s for s in self.states if s.healthy and s.in_flight < self.per_replica]
-                if room:
-                    state = min(room, key=lambda s: (s.in_flight, s.sent))
-                    state.in_flight += 1
-                    state.sent += 1
-                    return state
-                if (self._all_out_since is not None and not any(s.healthy for s in self.states)
-                        and time.monotonic() - self._all_out_since > self.grace):
-                    reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in self.states)
-                    raise ServerUnavailable(f"no replica of the fleet answered for {self.grace:g}s "
-                                            f"({reasons})")
-                self.changed.wait(0.2)
-        return None
-
-    def _release(self, state: ReplicaState) -> None:
-        with self.changed:
-            state.in_flight -= 1
-            self.changed.notify_all()
-
-    def _take_out(self, state: ReplicaState, why: str) -> None:
-        """Send nothing more there and stop its retries; the probe brings it back."""
-        with self.changed:
-            if state.healthy:
-                state.healthy, state.why = False, why
-                state.taken_out += 1
-                state.sender.abort.set()  # its other files stop retrying there and go elsewhere
-                if not any(s.healthy for s in self.states) and self._all_out_since is None:
-                    # kept while replicas come back and fail again before answering: the grace runs out
-                    self._all_out_since = time.monotonic()
-            self.changed.notify_all()
-
-    def _probe_loop(self) -> None:
-        while not self.abort.wait(self.probe_interval):
-            for state in [s for s in self.states if not s.healthy]:
-                with self.changed:  # wait for its last requests to leave before its abort is cleared
-                    if state.in_flight:
-                        continue
-                try:
-                    why = self.probe(state)
-                except Exception as e:  # noqa: BLE001 - this thread must live on: the replica stays out
-                    why = f"probe failed: {type(e).__name__}: {e}"
-                if why is None and not self.abort.is_set():
-                    with self.changed:
-                        state.sender.abort.clear()
-                        state.healthy = True
-                        self.changed.notify_all()
-
-    def summary(self, elapsed: float) -> list[str]:
-        """One line per replica: files, images/s, errors, and how often it was taken out (why)."""
-        lines = []
-        for s in self.states:
-            out = f"; taken out {s.taken_out}x, last: {s.why}" if s.taken_out else ""
-            out += "" if s.healthy else ("; out at the end" if s.taken_out else f"; never in: {s.why}")
-            lines.append(f"replica {s.replica.name}: files {s.files}, {s.files / max(elapsed, 1e-9):.1f} "
-                         f"images/s, errors {s.errors}{out}")
-        return lines
-
-
-def first_healthy(states: list[ReplicaState], source: str) -> TorchServe:
-    """A replica that answered /ping (the run's model checks ask it); ServerUnavailable when none did."""
-    for state in states:
-        if state.healthy:
-            return state.server
-    raise ServerUnavailable(f"no replica of {source} answers: "
-                            + "; ".join(f"{s.replica.name}: {s.why}" for s in states))
-
-
-def start_fleet(states: list[ReplicaState], per_replica: int, make_sender: Callable[[TorchServe], Sender],
-                check: Callable[[TorchServe], None], source: str,
-                ready: Callable[[TorchServe], None] | None = None) -> FleetSender:
-    """A sender per replica; one that fails `check` (ServerUnavailable) starts out and is probed back in.
-
-    A replica is put back in only when /ping answers and `ready` (default: `check`) raises nothing:
-    one that answers /ping but cannot serve the model would fail again at once.
-    """
-    for state in states:
-        state.sender = make_sender(state.server)
-        if state.healthy:
-            try:
-                check(state.server)
-            except ServerUnavailable as e:
-                state.healthy, state.why = False, str(e)
-    first_healthy(states, source)
-    ready = ready or check
-
-    def probe(state: ReplicaState) -> str | None:
-        why = _ping(state)
-        if why is not None:
-            return why
-        try:
-            ready(state.server)
-        except (ServerUnavailable, Refused) as e:
-            return str(e)
-        return None
-
-    return FleetSender(states, per_replica, probe=probe)
+def replica_log_dirs(args: argparse.Namespace, replicas: list[Replica]) -> list[Path | None]:
+    """--replica-log-dir NAME=DIR flags -> each replica's log folder (None when not given)."""
+    names, dirs = [r.name for r in replicas], {}
+    for value in getattr(args, "replica_log_dir", None) or []:
+        name, sep, folder = value.partition("=")
+        if not sep or not folder:
+            raise UserError(f"--replica-log-dir wants NAME=DIR, got {value!r}")
+        if name not in names:
+            raise UserError(f"--replica-log-dir {value}: no replica {name!r} in the fleet ({', '.join(names)})")
+        dirs[name] = Path(folder).expanduser()
+    return [dirs.get(name) for name in names]

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import requests
 
-from client.errors import Refused, RolledBack, ServerUnavailable, UserError
+from core.errors import Refused, RolledBack, ServerUnavailable, UserError
 from client.fleet import load_fleet
 from client.rollout import (classify_smoke, list_smoke_images, locate_mar, read_manifest, register, say,
                             smoke_accuracy, smoke_test, unregister)
-from client.torchserve import TorchServe
+from core.torchserve import TorchServe
 
 Member = tuple[str, TorchServe]  # (replica name, its management and inference APIs)
 API_ERRORS = (Refused, UserError, ServerUnavailable, requests.RequestException)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.torchserve import REPO_ROOT, Keys, TorchServe
+from core.torchserve import REPO_ROOT, Keys, TorchServe
 
 SERVE = REPO_ROOT / "scripts" / "serve.sh"
 

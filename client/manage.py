@@ -16,10 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from client.errors import Refused, ServerUnavailable, UserError, run_main
+from core.errors import Refused, ServerUnavailable, UserError, run_main
 from client.fleet_rollout import Member, fleet_members, fleet_rollout, parse_log_dirs, snapshots, version_skew
 from client.rollout import locate_mar, register, rollout, unregister
-from client.torchserve import DEFAULT_INFERENCE_URL, REPO_ROOT, TorchServe, add_server_flags, format_version
+from core.torchserve import DEFAULT_INFERENCE_URL, REPO_ROOT, TorchServe, add_server_flags, format_version
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
 DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh

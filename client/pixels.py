@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from client.errors import Refused, ServerUnavailable, UserError
-from client.torchserve import TorchServe
+from core.errors import Refused, ServerUnavailable, UserError
+from core.torchserve import TorchServe
 from handler import pixel_payload, preprocessing
 
 BadImage = preprocessing.BadImage  # what a prepare hook raises for a file it refuses

@@ -8,12 +8,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
+import statistics
 from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from client.walk import true_label_of
+from core.errors import UserError
+from core.files import true_label_of
 
 # replica: the fleet entry's name that answered, or HOST:PORT of a single --url
 FIELDS = ("path", "status", "label", "probability", "topk", "error", "http_status", "model",
@@ -65,43 +68,103 @@ class RowWriter:
         self.file.close()
 
 
-def read_rows(path: Path) -> Iterator[dict]:
-    """Rows of an earlier output; a line cut short by a kill is skipped."""
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict | None]]:
+    """(line, row or None when unreadable) of a JSONL or CSV output, in order."""
     with open(path, encoding="utf-8", newline="", errors="surrogateescape") as f:
         if path.suffix.lower() == ".csv":
-            for row in csv.DictReader(f):
-                if None in row.values() or None in row:  # short or overlong: cut by a kill
-                    continue
-                yield row
-        else:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict):
-                    yield row
+            reader = csv.DictReader(f)
+            try:
+                for row in reader:
+                    yield reader.line_num, (None if None in row.values() or None in row else row)
+            except csv.Error:
+                yield reader.line_num, None
+            return
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            yield number, row if isinstance(row, dict) and isinstance(row.get("path"), str) else None
 
 
-def keep_finished_rows(path: Path, fields: tuple[str, ...], stats: "Stats") -> set[str]:
-    """--resume: rewrite the output with only its ok rows (first per path); return their paths."""
+def read_rows(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line, row) of an earlier output. The last row is unfinished unless the file ends with a line
+    end (a kill cut it): dropped. Any other unreadable line (cut short, not JSON, not our CSV) is
+    skipped, or with `strict` a UserError naming file and line, as is a non-empty file with no row."""
+    unfinished = not _ends_with_newline(path)
+    previous: tuple[int, dict | None] | None = None
+    count = 0
+    try:
+        for record in _records(path):
+            if previous is not None:
+                count += yield from _checked(path, previous, strict)
+            previous = record
+        if previous is not None and not unfinished:
+            count += yield from _checked(path, previous, strict)
+    except UnicodeDecodeError:  # surrogateescape reads any bytes; kept for safety
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+    if strict and count == 0 and path.stat().st_size > 0 and previous is not None and not unfinished:
+        raise UserError(f"{path}: no readable row (not a classify_dir output?)")
+    if strict and count == 0 and path.stat().st_size > 0 and previous is None:
+        raise UserError(f"{path}: no readable row (not a classify_dir output?)")
+
+
+def _checked(path: Path, record: tuple[int, dict | None], strict: bool):
+    line, row = record
+    if row is None:
+        if strict:
+            raise UserError(f"{path}:{line}: unreadable row (cut short, or not a classify_dir row); "
+                            f"pass --skip-unreadable to count and skip such lines")
+        return 0
+    yield line, row
+    return 1
+
+
+def keep_finished_rows(path: Path, fields: tuple[str, ...], stats: "Stats", model: str | None = None,
+                       version: str | None = None) -> set[str]:
+    """--resume: rewrite the output with only its ok rows (first per path); return their paths.
+
+    Rows of another model, or of another version than `version` (None: any), are refused: a run
+    after a rollout must not mix versions silently (--allow-mixed-versions passes None).
+    """
     done: set[str] = set()
     if not path.exists():
         return done
-    partial = path.with_name(path.name + ".resume-tmp")
+    # a name of this process's own: two pods resuming one output never write one temporary file
+    partial = path.with_name(f".{path.name}.resume-{socket.gethostname()}-{os.getpid()}.tmp")
     writer = RowWriter(partial, fields, append=False, as_csv=path.suffix.lower() == ".csv")
     try:
-        for row in read_rows(path):
-            if row.get("status") == "ok" and isinstance(row.get("path"), str) and row["path"] not in done:
-                done.add(row["path"])
-                if isinstance(row.get("topk"), str):  # CSV: back to a list
-                    row["topk"] = json.loads(row["topk"]) if row["topk"] else None
-                if "true_label" in fields and not row.get("true_label"):
-                    row["true_label"] = true_label_of(row["path"])
-                writer.write(row)
-                stats.add(row, None, resumed=True)
-    finally:
+        for line, row in read_rows(path):
+            if row.get("status") != "ok" or row["path"] in done:
+                continue
+            if model is not None and row.get("model") not in (None, model):
+                raise UserError(f"{path}:{line}: a row of model {row.get('model')!r}, and this run uses "
+                                f"{model!r}: give the run its own --output")
+            if version is not None and row.get("model_version") not in (None, "", version):
+                raise UserError(f"{path}:{line}: a row of {model} version {row.get('model_version')}, and this "
+                                f"run's version is {version}: give the run its own --output, or pass "
+                                f"--allow-mixed-versions to keep both")
+            done.add(row["path"])
+            if isinstance(row.get("topk"), str):  # CSV: back to a list
+                row["topk"] = json.loads(row["topk"]) if row["topk"] else None
+            if "true_label" in fields and not row.get("true_label"):
+                row["true_label"] = true_label_of(row["path"])
+            writer.write(row)
+            stats.add(row, None, resumed=True)
+    except BaseException:
         writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    writer.close()
     os.replace(partial, path)
     return done
 
@@ -116,6 +179,7 @@ class Stats:
         self.confusion: Counter[tuple[str, str]] = Counter()
         self.true_counts: Counter[str] = Counter()
         self.errors_with_label = 0
+        self.versions: Counter[str] = Counter()  # rows per model version that answered
 
     def add(self, row: dict, reason: str | None, resumed: bool = False) -> None:
         """Account for one row."""
@@ -123,6 +187,8 @@ class Stats:
         self.resumed += resumed
         if not resumed and row.get("latency_ms") is not None:
             self.latencies.append(float(row["latency_ms"]))
+        if row.get("model_version"):
+            self.versions[str(row["model_version"])] += 1
         true = row.get("true_label")
         if true:
             self.true_counts[true] += 1
@@ -135,16 +201,18 @@ class Stats:
             self.errors_with_label += bool(true)
 
     def percentile(self, q: float) -> float:
-        """The q-th percentile of this run's latencies (nearest rank), 0 when none."""
+        """The q-th percentile of this run's latencies, 0 when none."""
         return percentile(self.latencies, q)
 
 
 def percentile(values, q: float) -> float:
-    """The q-th percentile of `values` (nearest rank), 0 when there are none."""
+    """The q-th percentile of `values` (statistics.quantiles, inclusive), 0 when there are none."""
     if not len(values):
         return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    if len(values) == 1:
+        return float(values[0])
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[min(98, max(0, round(q) - 1))]
 
 
 def report_class_metrics(stats: Stats, png: Path) -> str:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import requests
 
-from client.errors import Refused, RolledBack, ServerUnavailable, UserError
+from core.errors import Refused, RolledBack, ServerUnavailable, UserError
 from client.server_logs import BatchWatch, LogTail, worker_failure
-from client.torchserve import TorchServe, pending_requests, server_message
-from client.walk import DEFAULT_EXTENSIONS, iter_files, true_label_of
+from core.torchserve import TorchServe, pending_requests, server_message
+from core.files import DEFAULT_EXTENSIONS, iter_files, true_label_of
 
 
 def read_manifest(mar: Path) -> tuple[str, str]:

@@ -1,5 +1,6 @@
-"""The directory classifier's sending side: the server and model checks before a run, one POST
-per file with retries and key renewal, and the version each answer came from.
+"""One replica's side of a run: the checks a replica must pass to take files (at the start and when it
+comes back), one POST of a prepared file with key renewal, the version that answered, and the retry
+policy the dispatcher applies across replicas.
 """
 from __future__ import annotations
 
@@ -8,21 +9,42 @@ import logging
 import random
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import requests
 
-from client.errors import Refused, ServerUnavailable, UserError
-from client.pixels import BadImage, Prepare, send_file
+from client import pixels
 from client.results import error_row, ok_row
-from client.torchserve import TorchServe, error_message, is_auth_error, new_session, ping
-from client.walk import DEFAULT_MAX_BYTES, NotSent, read_image
+from core.errors import KeyRefused, Refused, ServerUnavailable, UserError
+from core.torchserve import TorchServe, error_message, is_auth_error
 
 logger = logging.getLogger("classify_dir")
-TRANSIENT_STATUSES = (502, 503, 504, 507)  # busy, queue full, out of memory: worth another try
-MAX_BACKOFF_S = 8.0
-KEY_REFRESHES = 3  # per file: a rotated key is renewed, a wrong one is not renewed forever
+KEY_REFRESHES = 3  # per request: a rotated key is renewed, a wrong one is not renewed forever
 VERSION_RETRY_S = 5.0  # after a failed default-version lookup, reuse the last answer this long
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a file is tried again, declared once per run (immutable, as urllib3's Retry).
+
+    `total` more attempts after the first, over every replica; a transient status waits
+    backoff * 2**attempt seconds (at most max_backoff, jittered by +-25 %) before the next;
+    `take_out_after` non-transient 5xx answers in a row take a replica out of the run.
+    """
+
+    total: int = 3
+    backoff: float = 0.25
+    max_backoff: float = 8.0
+    statuses: frozenset[int] = frozenset({502, 503, 504, 507})  # busy, queue full, out of memory
+    take_out_after: int = 5
+
+    def allows(self, attempt: int) -> bool:
+        """Whether attempt number `attempt` (from 0) may be followed by another."""
+        return attempt < self.total
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retrying after attempt number `attempt`."""
+        return min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.75, 1.25)
 
 
 class VersionTracker:
@@ -51,97 +73,69 @@ class VersionTracker:
                 try:
                     self._value = self.server.default_version(self.model)
                     self._looked_at = looked_at
-                except (ServerUnavailable, Refused, ValueError, LookupError) as e:
+                except (ServerUnavailable, Refused) as e:
                     logger.debug("default version unknown: %s", e)
                     self._looked_at = looked_at + VERSION_RETRY_S  # do not ask once per answer
             return self._value
 
 
+@dataclass
+class Answer:
+    """What one attempt on one replica gave: a row (an answer, ok or not) or, without one, why."""
+
+    row: dict | None
+    reason: str | None  # the summary's reason for a failure: "http 400", "timeout", "connection"
+    status: int | None = None
+    error: str | None = None  # without a row: what went wrong, for the row if it stays so
+
+
 class Classifier:
-    """Sends one file, with retries and key renewal; thread-safe, one keep-alive session per thread."""
+    """Sends prepared files to one replica; thread-safe (its TorchServe keeps a session per thread)."""
 
-    def __init__(self, server: TorchServe, model: str, version: str | None, versions: VersionTracker, *,
-                 topk: int, retries: int, timeout: float, max_bytes: int = DEFAULT_MAX_BYTES,
-                 prepare: Prepare = send_file):
-        self.endpoint = f"{server.url}/predictions/{model}" + (f"/{version}" if version else "")
-        self.server, self.keys = server, server.keys
-        self.model, self.version, self.versions = model, version, versions
-        self.topk, self.retries, self.timeout, self.max_bytes = topk, retries, timeout, max_bytes
-        self.prepare = prepare  # file bytes -> (body, content type): the file, or its pixels (--preprocess)
-        self.abort = threading.Event()
-        self._local = threading.local()
+    def __init__(self, server: TorchServe, model: str, version: str | None, *, topk: int, timeout: float):
+        self.server, self.model, self.version = server, model, version
+        self.versions = VersionTracker(server, model, version)
+        self.topk, self.timeout = topk, timeout
+        self.abort = threading.Event()  # set while the replica is out: its files stop waiting on it
 
-    def _session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = new_session(pool_size=2)
-        return self._local.session
-
-    def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
-        """One file -> (row, failure reason or None); None when the run was aborted first."""
-        row = {"path": rel, "model": self.model}
-        started = time.perf_counter()
-        try:
-            data, content_type = self.prepare(read_image(path, self.max_bytes))
-        except NotSent as e:
-            return error_row(row, str(e), None), e.reason
-        except BadImage as e:  # refused here by the server's own check: its message, code, and time taken
-            row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            return error_row(row, e.message, e.code), f"http {e.code}"
-        attempt, refreshes = 0, 0
-        while not self.abort.is_set():
-            key = self.keys.get("inference")
-            headers = {"Content-Type": content_type, **self.keys.headers("inference")}
-            started, sent_at = time.perf_counter(), time.monotonic()
+    def send(self, body: bytes, content_type: str, row: dict) -> Answer:
+        """One POST (resent once per key renewal); KeyRefused or ServerUnavailable when the replica
+        cannot serve at all (key refused, model unknown there)."""
+        row = dict(row)
+        for _ in range(KEY_REFRESHES + 1):
+            sent_key, sent_at, started = self.server.keys.get("inference"), time.monotonic(), time.perf_counter()
             try:
-                response = self._session().post(self.endpoint, data=data, headers=headers,
-                                                timeout=self.timeout)
-                transient = response.status_code in TRANSIENT_STATUSES
-                reason = f"http {response.status_code}"
+                response = self.server.predict(self.model, self.version, body, content_type, self.timeout)
             except requests.Timeout:
-                response, transient, reason = None, True, "timeout"
-            except requests.RequestException:  # refused, reset, or cut partway through the answer
-                response, transient, reason = None, True, "connection"
+                return Answer(None, "timeout", error=f"no answer within {self.timeout:g}s")
+            except requests.RequestException as e:  # refused, reset, or cut partway through the answer
+                return Answer(None, "connection", error=f"connection failed ({type(e).__name__})")
             row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            if response is not None and is_auth_error(response):
-                refreshes += 1
-                if refreshes <= KEY_REFRESHES and self.keys.refresh("inference", key):
-                    continue
-                source = f"from {self.keys.key_file}" if self.keys.key_file else "(no key file given)"
-                raise ServerUnavailable(f"the server refused the inference key {source} and no fresh key "
-                                        f"could be read or requested; pass the right file with --token-file")
-            if response is not None and response.status_code == 404 and _is_unknown_model(response):
-                message = error_message(response) or f"HTTP {response.status_code}"
-                raise ServerUnavailable(f"{self.endpoint}: {message}")
-            if response is not None and response.status_code == 503 and attempt >= self.retries:
-                self._stop_without_workers()
-            if transient and attempt < self.retries:
-                self.abort.wait(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt) * random.uniform(0.75, 1.25))
-                attempt += 1
-                continue
-            if response is None:
-                if reason == "connection":
-                    raise ServerUnavailable(f"server unreachable at {self.endpoint} after {self.retries} retries")
-                return error_row(row, f"no answer within {self.timeout:g}s "
-                                      f"(tried {attempt + 1} times)", None), reason
-            row["model_version"] = (response.headers.get("X-Model-Version")
-                                    or self.versions.version_for(sent_at))
-            if response.status_code == 200:
-                try:
-                    return ok_row(row, response.json(), self.topk), None
-                except (ValueError, KeyError, IndexError, TypeError):
-                    return error_row(row, f"unexpected answer: {response.text[:200]}", 200), "bad answer"
-            message = error_message(response) or f"HTTP {response.status_code}"
-            return error_row(row, message, response.status_code), reason
-        return None
+            if not is_auth_error(response):
+                break
+            if not self.server.keys.refresh("inference", sent_key):
+                break
+        if is_auth_error(response):
+            raise KeyRefused(f"{self.server.url} refused the inference key or token from "
+                             f"{self.server.keys.source} and no fresh one could be read or requested")
+        if response.status_code == 404 and _is_unknown_model(response):
+            raise ServerUnavailable(f"{self.server.url}: {error_message(response)}")
+        row["model_version"] = response.headers.get("X-Model-Version") or self.versions.version_for(sent_at)
+        if response.status_code == 200:
+            try:
+                return Answer(ok_row(row, response.json(), self.topk), None, 200)
+            except (ValueError, KeyError, IndexError, TypeError):
+                return Answer(error_row(row, f"unexpected answer: {response.text[:200]}", 200), "bad answer", 200)
+        return Answer(error_row(row, error_message(response), response.status_code),
+                      f"http {response.status_code}", response.status_code)
 
-
-    def _stop_without_workers(self) -> None:
-        """After a last 503: ServerUnavailable when no worker of the version is READY (all would be 503)."""
+    def check_workers_after_503(self) -> None:
+        """After a 503: ServerUnavailable when no worker of the version is READY (all would be 503)."""
         found = version_workers(self.server, self.model, self.version)
         if found is not None and not has_ready_worker(found[1]):
-            raise ServerUnavailable(f"model '{self.model}' version {found[0]} has no READY worker and "
-                                    f"answers 503; add one: scripts/manage.py scale {self.model} "
-                                    f"{found[0]} --min 1")
+            raise ServerUnavailable(f"model '{self.model}' version {found[0]} has no READY worker on "
+                                    f"{self.server.url} and answers 503; add one: scripts/manage.py scale "
+                                    f"{self.model} {found[0]} --min 1")
 
 
 def has_ready_worker(workers: list) -> bool:
@@ -152,34 +146,14 @@ def has_ready_worker(workers: list) -> bool:
 def version_workers(server: TorchServe, model: str, version: str | None) -> tuple[str, list[dict]] | None:
     """(version, its workers) for `version` (None: the default) from the management API; None if unknown."""
     try:
-        description = server.describe(model, version)[0]
-        return str(description["modelVersion"]), list(description.get("workers") or [])
-    except (ServerUnavailable, Refused, ValueError, LookupError, TypeError) as e:
+        description = server.describe(model, version)
+    except (ServerUnavailable, Refused) as e:
         logger.debug("workers of %s unknown: %s", model, e)
         return None
-
-
-def check_workers(server: TorchServe, model: str, version: str | None) -> None:
-    """Before a run: ServerUnavailable when the version has no worker at all, so nothing could answer."""
-    found = version_workers(server, model, version)
-    if found is not None and not found[1]:
-        raise ServerUnavailable(f"model '{model}' version {found[0]} has no worker, so every request "
-                                f"would get 503; add one: scripts/manage.py scale {model} {found[0]} --min 1")
-
-
-def check_ready(server: TorchServe, model: str, version: str | None) -> None:
-    """Before a replica is put back in: ServerUnavailable unless the version is there with a READY worker."""
-    try:
-        description = server.describe(model, version)
-    except Refused as e:
-        raise ServerUnavailable(str(e)) from None
-    if not description:
-        raise ServerUnavailable(f"model '{model}'" + (f" version {version}" if version else "")
-                                + f" is not registered on {server.management_url}")
-    entry = description[0] if isinstance(description[0], dict) else {}
-    if not has_ready_worker(entry.get("workers") or []):
-        raise ServerUnavailable(f"model '{model}' version {entry.get('modelVersion')} has no READY "
-                                f"worker on {server.management_url}")
+    entry = description[0] if description and isinstance(description[0], dict) else None
+    if entry is None or "modelVersion" not in entry:
+        return None
+    return str(entry["modelVersion"]), [w for w in entry.get("workers") or [] if isinstance(w, dict)]
 
 
 def _is_unknown_model(response: requests.Response) -> bool:
@@ -189,8 +163,44 @@ def _is_unknown_model(response: requests.Response) -> bool:
         return False
 
 
-def resolve_model(args: argparse.Namespace, server: TorchServe) -> str:
-    """Check the model (and version) is registered; with no --model, take the only one there is."""
+@dataclass(frozen=True)
+class RunCheck:
+    """What every replica must serve to take a run's files: checked at the start and again whenever a
+    replica comes back, so a late or restarted replica that serves something else stays out."""
+
+    model: str
+    version: str | None  # --version, else None: the default version
+    default_version: str | None = None  # without --version and mixed versions refused: the run's version
+    settings: pixels.PixelSettings | None = None  # client-side preprocessing: the replica must match them
+
+    def problem(self, server: TorchServe, ready: bool) -> str | None:
+        """Why `server` may not take the run's files (None: it may); `ready`: a READY worker is needed,
+        not only a worker (at the start a worker still loading is fine)."""
+        try:
+            found = version_workers(server, self.model, self.version)
+            if found is None:
+                return (f"model '{self.model}'" + (f" version {self.version}" if self.version else "")
+                        + f" is not registered on {server.management_url}")
+            version, workers = found
+            if not workers or (ready and not has_ready_worker(workers)):
+                return (f"model '{self.model}' version {version} has no {'READY ' if ready else ''}worker on "
+                        f"{server.management_url}; add one: scripts/manage.py scale {self.model} {version} --min 1")
+            if self.default_version is not None and version != self.default_version:
+                return (f"serves '{self.model}' version {version}, not the run's {self.default_version} "
+                        f"(pass --allow-mixed-versions to accept it)")
+            if self.settings is not None:
+                settings = pixels.fetch_settings(server, self.model, self.version)
+                if settings != self.settings:
+                    return (f"preprocesses '{self.model}' differently from the run's other replicas "
+                            f"({settings} against {self.settings})")
+        except (ServerUnavailable, Refused) as e:
+            return str(e)
+        return None
+
+
+def resolve_model(args: argparse.Namespace, servers: list[TorchServe]) -> str:
+    """The model to use: --model when every healthy replica has it (and --version), or the only one."""
+    server = servers[0]
     try:
         if args.model is None:
             names = server.model_names()
@@ -198,33 +208,16 @@ def resolve_model(args: argparse.Namespace, server: TorchServe) -> str:
                 raise UserError(f"pass --model: the server has {len(names)} models "
                                 f"({', '.join(names) or 'none'})")
             return names[0]
-        versions = [v["modelVersion"] for v in server.versions(args.model)]
-    except (ServerUnavailable, Refused, ValueError) as e:
+        versions = {s.url: [v["modelVersion"] for v in s.versions(args.model)] for s in servers}
+    except (ServerUnavailable, Refused) as e:
         if args.model is None:
             raise UserError(f"pass --model: cannot list the models at {server.management_url} ({e})") from None
         logger.warning("cannot check model %s with the management API (%s); going on", args.model, e)
         return args.model
-    if not versions:
-        raise UserError(f"model '{args.model}' is not registered on {server.management_url}")
-    if args.version and args.version not in versions:
+    if not any(versions.values()):
+        raise UserError(f"model '{args.model}' is not registered on " + ", ".join(s.management_url for s in servers))
+    if args.version and not any(args.version in v for v in versions.values()):
+        registered = sorted({v for vs in versions.values() for v in vs})
         raise UserError(f"model '{args.model}' has no version '{args.version}' "
-                        f"(registered: {', '.join(versions)})")
+                        f"(registered: {', '.join(registered)})")
     return args.model
-
-
-def wait_for_server(server: TorchServe, retries: int) -> None:
-    """Check /ping, retrying with backoff; ServerUnavailable when it never answers or refuses the key."""
-    url, keys, why = server.url, server.keys, None
-    for attempt in range(retries + 1):
-        why = ping(url, keys)
-        if why is None:
-            return
-        if "InvalidKeyException" in why:
-            if keys.key_file is None or not keys.key_file.exists():
-                raise ServerUnavailable(f"the server at {url} wants a key and there is no {keys.key_file}; "
-                                        f"pass the server's key_file.json with --token-file")
-            raise ServerUnavailable(f"the server at {url} refused the inference key from {keys.key_file}; "
-                                    f"pass the server's key_file.json with --token-file")
-        if attempt < retries:
-            time.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt))
-    raise ServerUnavailable(f"server unreachable: {why}")

@@ -17,9 +17,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from client.errors import UserError, run_main
+from core.errors import UserError, run_main
 from client.results import FIELDS, RowWriter, read_rows
-from client.walk import DEFAULT_EXTENSIONS, iter_files
+from core.files import DEFAULT_EXTENSIONS, iter_files
 
 SHOWN = 5  # paths named in an error line; the rest are counted
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from handler import preprocessing
+from handler.labels import load_labels  # noqa: F401 - the handler reads index_to_name.json with it
 
 BadImage = preprocessing.BadImage
 logger = logging.getLogger(__name__)
@@ -66,17 +67,6 @@ def select_device(system_properties: dict) -> torch.device:
     if torch.cuda.is_available() and gpu_id is not None:
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
-
-
-def load_labels(path: str | os.PathLike) -> list[str]:
-    """index_to_name.json -> names by index; the indices must run 0..N-1."""
-    with open(path, encoding="utf-8") as f:
-        mapping = json.load(f)
-    if not isinstance(mapping, dict) or not mapping:
-        raise ValueError(f"{path}: expected a non-empty JSON object {{\"0\": \"name\", ...}}")
-    if sorted(mapping) != sorted(str(i) for i in range(len(mapping))):
-        raise ValueError(f"{path}: indices must be contiguous from 0, got {sorted(mapping)[:10]}")
-    return [str(mapping[str(i)]) for i in range(len(mapping))]
 
 
 def load_model(path: str | os.PathLike, device: torch.device, half: bool) -> torch.jit.ScriptModule:

@@ -150,7 +150,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     local timeout=${TS_START_TIMEOUT:-180}
     echo "serve: TorchServe pid $pid starting on 127.0.0.1:$http (management :$mgmt, metrics :$metrics)," \
          "models: ${models[*]:-none}; waiting up to ${timeout}s"
-    if ! "$PY" -m client.torchserve wait --url "http://127.0.0.1:$http" \
+    if ! "$PY" -m core.torchserve wait --url "http://127.0.0.1:$http" \
             --management-url "http://127.0.0.1:$mgmt" --key-file "$key_dir/key_file.json" \
             --timeout "$timeout" --pid "$pid"; then
         echo "error: TorchServe did not become ready (it exited, or ${timeout}s passed);" \
@@ -203,7 +203,7 @@ status() {
     fi
     echo "serve: TorchServe pid $pid: inference $inference_url, management $management_url," \
          "metrics $metrics_url/metrics; key file $key_file; store $store"
-    "$PY" -m client.torchserve status --url "$inference_url" \
+    "$PY" -m core.torchserve status --url "$inference_url" \
         --management-url "$management_url" --key-file "$key_file"
 }
 

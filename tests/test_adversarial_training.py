@@ -13,7 +13,7 @@ from tests.test_training import make_png, run_cli
 from training import check_served, export, lists, train
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import read_list
-from client.errors import UserError
+from core.errors import UserError
 from training.labels import load_labels
 from training.model import build_model, check_input_size
 from training.sample_data import write_digits

@@ -15,7 +15,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metrics_store import MetricsStore
 
 from client import pixels
-from client.errors import UserError
+from core.errors import UserError
 from handler import pixel_payload, preprocessing, request_decoding
 from handler.classifier_handler import ClassifierHandler
 from tests.conftest import PYTHON, REPO

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from client import fleet, shards
-from client.errors import ServerUnavailable, UserError
+from core.errors import ServerUnavailable, UserError
 from tests.conftest import (
     MODEL,
     PYTHON,
@@ -453,7 +453,7 @@ def cut_answer_server():
 
 def test_classifier_counts_an_answer_cut_midway_as_a_connection_failure(tmp_path):
     from client.sending import Classifier, VersionTracker
-    from client.torchserve import Keys, TorchServe
+    from core.torchserve import Keys, TorchServe
 
     listener, url = cut_answer_server()
     image = tmp_path / "x.png"
@@ -539,7 +539,7 @@ def test_start_fleet_probe_keeps_out_a_replica_that_pings_but_cannot_serve_the_m
 
 def test_check_ready_refuses_an_unregistered_version_and_one_without_a_ready_worker():
     from client.sending import check_ready
-    from client.torchserve import Keys, TorchServe
+    from core.torchserve import Keys, TorchServe
 
     http = FakeHTTP({"/models/m/1.0": (200, b'[{"modelVersion": "1.0", "workers": [{"status": "UNLOADING"}]}]'),
                      "/models/m/3.0": (200, b'[{"modelVersion": "3.0", "workers": [{"status": "READY"}]}]')})
@@ -553,7 +553,7 @@ def test_check_ready_refuses_an_unregistered_version_and_one_without_a_ready_wor
 
 
 def test_fleet_replica_without_key_file_sends_no_local_key_and_asks_no_token(tmp_path, monkeypatch):
-    from client import torchserve
+    from core import torchserve
 
     local = tmp_path / "key_file.json"
     local.write_text(json.dumps({k: {"key": f"local-{k}"} for k in ("inference", "management", "API")}))
@@ -579,7 +579,7 @@ def test_fleet_file_that_is_not_utf8_text_is_one_line_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("body", [b'["Healthy"]', b'"Healthy"', b"null", b"3"])
 def test_ping_answering_json_that_is_not_an_object_gives_a_reason(body):
-    from client.torchserve import ping
+    from core.torchserve import ping
 
     http = FakeHTTP({"/ping": (200, body)})
     assert ping(http.url).startswith("/ping answered 200")

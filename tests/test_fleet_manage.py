@@ -13,12 +13,13 @@ import requests
 from PIL import Image
 
 from client import fleet_rollout as fleet_rollout_module
-from client import rollout, torchserve
-from client.errors import Refused, RolledBack, UserError
+from client import rollout
+from core import torchserve
+from core.errors import Refused, RolledBack, UserError
 from client.fleet_rollout import fleet_rollout, parse_log_dirs
 from client.manage import get_args_parser
 from client.rollout import register
-from client.torchserve import TorchServe
+from core.torchserve import TorchServe
 from tests.conftest import COLORS, LABELS, PYTHON, archive, make_server, running_fleet, wait_for, write_images
 from tests.test_manage import MANAGE, THROTTLE, clone_mar
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from client import errors, torchserve
+from core import errors, torchserve
 from client.local_server import free_ports
 from client.rollout import read_manifest
 from tests.conftest import (COLORS, PYTHON, REPO, rows_written, server_without_models,

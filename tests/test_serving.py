@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from handler.preprocessing import PreprocessConfig, load_tensor
-from client import torchserve
+from core import torchserve
 from tests.conftest import REPO, make_server, wait_for
 from tests.image_zoo import zoo_files
 

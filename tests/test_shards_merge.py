@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.errors import UserError
+from core.errors import UserError
 from client.results import FIELDS, RowWriter
 from client.shards import merge_shards, shard_of
 from tests.conftest import PYTHON, REPO

@@ -13,7 +13,7 @@ from PIL import Image
 from handler.preprocessing import PreprocessConfig, load_tensor
 from training import export, lists, train
 from training.dataset import ImageListDataset, read_list
-from client.errors import UserError, run_main
+from core.errors import UserError, run_main
 from training.labels import load_labels
 from training.model import build_model
 from training.sample_data import write_digits

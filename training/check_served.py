@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from handler.preprocessing import PreprocessConfig, load_tensor
-from client.errors import UserError, run_main
+from core.errors import UserError, run_main
 from training.export import load_torchscript
 from training.labels import load_labels
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from client.errors import UserError
+from core.errors import UserError
 
 # What training.train writes and what --resume and training.export need back.
 REQUIRED_KEYS = ("model", "best_model", "optimizer", "scheduler", "epoch", "arch", "classes", "preprocess",

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from handler.preprocessing import BadImage, PreprocessConfig, open_image, preprocess
-from client.errors import UserError
+from core.errors import UserError
 from training.labels import load_labels
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import load_checkpoint
-from client.errors import run_main
+from core.errors import run_main
 
 TOLERANCE = 1e-5  # max abs logit difference allowed between eager and reloaded TorchScript
 

@@ -1,58 +1,18 @@
-"""The label map `{"0": "name0", ...}`: one format from training to the .mar."""
+"""The label map for training: handler/labels.py's loader, its errors as the user's mistakes (exit 2)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from client.errors import UserError
+from core.errors import UserError
+from handler.labels import LabelsError, save_labels
+from handler.labels import load_labels as _load_labels
 
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise UserError(f"duplicate index {repeated[0]!r}")
-    return dict(pairs)
+__all__ = ["load_labels", "save_labels"]
 
 
 def load_labels(path: str | Path) -> list[str]:
-    """Read a labels JSON and return the class names ordered by index; validate it fully."""
-    path = Path(path)
-    try:  # utf-8-sig: accept the BOM some editors write
-        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
-    except FileNotFoundError:
-        raise UserError(f"{path}: labels file not found") from None
-    except UserError as e:
-        raise UserError(f"{path}: {e}; each index must appear once") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not data:
-        raise UserError(f'{path}: expected a non-empty object like {{"0": "cat", "1": "dog"}}')
-    by_index: dict[int, str] = {}
-    for key, name in data.items():
-        try:
-            index = int(key)
-        except ValueError:
-            raise UserError(f"{path}: key {key!r} is not an integer index") from None
-        if index in by_index:
-            raise UserError(f"{path}: index {index} appears twice; each index must appear once")
-        if not isinstance(name, str) or not name.strip() or "\t" in name or "\n" in name:
-            raise UserError(f"{path}: index {index}: label must be a non-empty string "
-                            "without tabs or newlines")
-        by_index[index] = name
-    if sorted(by_index) != list(range(len(by_index))):
-        missing = sorted(set(range(len(by_index))) - set(by_index))
-        raise UserError(f"{path}: indices must be contiguous from 0; missing {missing[:5]}")
-    names = [by_index[i] for i in range(len(by_index))]
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise UserError(f"{path}: label {name!r} is used by two indices; names must be unique")
-        seen.add(name)
-    return names
-
-
-def save_labels(names: list[str], path: str | Path) -> None:
-    """Write class names as `{"0": name0, ...}`."""
-    Path(path).write_text(json.dumps({str(i): n for i, n in enumerate(names)}, indent=2,
-                                     ensure_ascii=False) + "\n", encoding="utf-8")
+    """Class names ordered by index (handler.labels.load_labels); UserError naming the file when bad."""
+    try:
+        return _load_labels(path)
+    except LabelsError as e:
+        raise UserError(str(e)) from None

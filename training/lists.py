@@ -9,20 +9,19 @@ import os
 import random
 from pathlib import Path
 
-from client.errors import UserError, run_main
+from core.errors import UserError, run_main
+from core.files import IMAGE_EXTENSIONS, iter_files
 from training.labels import save_labels
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def find_images(folder: Path) -> list[Path]:
-    """All image files below `folder`, sorted, extensions in any case; symlinked folders not followed."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
+    """The image files below `folder`, sorted (core.files' walk: folder links followed, each folder once);
+    a broken link, FIFO or device with an image name is refused with its path, not trained on."""
+    found = sorted(iter_files(folder, set(IMAGE_EXTENSIONS)))
+    odd = next((p for p in found if not p.is_file()), None)
+    if odd is not None:
+        raise UserError(f"{odd}: not a regular file (a broken link, FIFO or device); remove it or fix the link")
+    return found
 
 
 def scan_classes(root: str | Path) -> dict[str, list[Path]]:

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from client.errors import UserError
+from core.errors import UserError
 
 
 def classification_archs() -> list[str]:

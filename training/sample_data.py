@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from client.errors import UserError, run_main
+from core.errors import UserError, run_main
 
 
 def write_digits(out: str | Path, size: int = 32, limit: int | None = None) -> int:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from handler.preprocessing import PreprocessConfig, resize, to_tensor
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import ImageListDataset
-from client.errors import UserError, run_main
+from core.errors import UserError, run_main
 from training.export import export_torchscript
 from training.labels import save_labels
 from training.model import build_model, check_input_size, head_parameters

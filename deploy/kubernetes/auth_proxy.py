@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-from client.torchserve import Keys, new_session, request_with_key
+from core.torchserve import Keys, new_session, request_with_key
 
 log = logging.getLogger("auth_proxy")
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones this proxy sets itself.

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from client.torchserve import Keys, is_auth_error, new_session, request_with_key
+from core.torchserve import Keys, is_auth_error, new_session, request_with_key
 
 
 def probe(mode: str, inference_url: str, management_url: str, key_file: str, timeout: float) -> str | None:

@@ -1,4 +1,11 @@
-"""The directory walk: which image files a run covers, and the class folder each one sits in."""
+"""Image files on disk, for training's lists and the client's runs alike: which extensions are images,
+the one directory walk, reading a file without blocking, and the class folder a file sits in.
+
+The walk's link policy, everywhere: a link to a folder is followed, each folder is entered once (by
+device and inode), so a link loop or two links to one folder cannot repeat or hang a walk; a link to
+a file is yielded like the file, and so are broken links, FIFOs and devices with an image extension,
+so that a caller can name each one instead of skipping it silently.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,8 +14,11 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
+from core.errors import UserError
+
 logger = logging.getLogger("classify_dir")
-DEFAULT_EXTENSIONS = ".jpg,.jpeg,.png,.bmp,.gif,.webp,.tif,.tiff"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DEFAULT_EXTENSIONS = ",".join(IMAGE_EXTENSIONS)  # the --extensions flags' default
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # config.properties' max_request_size: the server answers 413 above it
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
@@ -20,6 +30,14 @@ class NotSent(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+def parse_extensions(text: str, flag: str = "--extensions") -> set[str]:
+    """'jpg, .PNG' -> {'.jpg', '.png'}; UserError when it names none."""
+    extensions = {("." + e.strip().lstrip(".")).lower() for e in text.split(",") if e.strip().lstrip(".")}
+    if not extensions:
+        raise UserError(f"{flag} names no extension: {text!r}")
+    return extensions
 
 
 def _identity(path: str | os.PathLike) -> tuple[int, int] | None:

@@ -5,8 +5,10 @@ in its working folder (the repository root, beside config.properties, for serve.
 Inference and management keys expire after 60 minutes and change on every restart; the
 API key can ask the management API for a fresh inference or management key.
 
-As a command it is what scripts/serve.sh runs to wait for a server and print its status:
-    python -m client.torchserve wait|status --url URL --management-url URL --key-file PATH
+It sits below training and the client (core/), so that every part of the project, deploy/ included,
+talks to TorchServe through this one module. As a command it is what scripts/serve.sh runs to wait
+for a server and print its status:
+    python -m core.torchserve wait|status --url URL --management-url URL --key-file PATH
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from client.errors import Refused, ServerUnavailable, UserError
+from core.errors import KeyRefused, Refused, ServerUnavailable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_KEY_FILE = REPO_ROOT / "key_file.json"  # where serve.sh runs torchserve
@@ -47,15 +49,24 @@ def read_keys(path: str | os.PathLike) -> dict[str, str]:
     return keys
 
 
+def read_token(path: str | os.PathLike) -> str:
+    """A bearer token from a file (the front proxy's inference or management token), whitespace stripped."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token or any(c.isspace() for c in token):
+        raise ValueError("the token file must hold one token on one line")
+    return token
+
+
 def management_url_for(inference_url: str) -> str:
     """The management URL beside an inference URL: same host, the next port (8080 -> 8081)."""
     parts = urlsplit(inference_url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return urlunsplit((parts.scheme, f"{parts.hostname}:{port + 1}", "", "", ""))
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname  # IPv6 keeps brackets
+    return urlunsplit((parts.scheme, f"{host}:{port + 1}", "", "", ""))
 
 
 def is_auth_error(response: requests.Response) -> bool:
-    """True when TorchServe refused the request's key (it answers 400 InvalidKeyException)."""
+    """True when the key or token was refused: TorchServe answers 400 InvalidKeyException, the proxy 401/403."""
     if response.status_code in (401, 403):
         return True
     if response.status_code != 400:
@@ -74,17 +85,23 @@ def error_message(response: requests.Response) -> str:
         message = body.get("error") or body.get("message")
     except (ValueError, AttributeError):
         message = None
-    return str(message or response.reason or response.text[:200])
+    return " ".join(str(message or response.reason or response.text[:200]).split())  # one line
 
 
 def add_server_flags(parser: argparse.ArgumentParser) -> None:
-    """--url, --management-url and --token-file: which server a command talks to, with which keys."""
-    parser.add_argument("--url", default=DEFAULT_INFERENCE_URL,
-                        help="TorchServe inference URL (default: %(default)s)")
+    """--url, --management-url and the credentials: which one server a command talks to (a fleet of one)."""
+    parser.add_argument("--url", default=None,
+                        help=f"TorchServe inference URL (default: {DEFAULT_INFERENCE_URL})")
     parser.add_argument("--management-url", default=None,
                         help="management URL (default: the inference URL's host, port + 1)")
     parser.add_argument("--token-file", default=None,
                         help="the server's key_file.json (default: the one at the repository root)")
+    parser.add_argument("--inference-token-file", default=None, metavar="FILE",
+                        help="behind the front proxy: the file holding the inference token "
+                             "(instead of a key_file.json)")
+    parser.add_argument("--management-token-file", default=None, metavar="FILE",
+                        help="behind the front proxy: the file holding the management token "
+                             "(needed for register, scale, set-default, unregister, rollout)")
 
 
 def new_session(pool_size: int = 4) -> requests.Session:
@@ -93,24 +110,54 @@ def new_session(pool_size: int = 4) -> requests.Session:
     adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    session.trust_env = False  # loopback server: never route through a proxy from the environment
+    session.trust_env = False  # never route through a proxy from the environment, nor use .netrc
     return session
 
 
 class Keys:
-    """Thread-safe holder of the server's keys, re-read or renewed when the server rejects one."""
+    """Thread-safe holder of one server's credentials, re-read or renewed when the server rejects one.
+
+    Either TorchServe's own key_file.json (token authorization on: inference, management and API
+    keys; an expired key is renewed with the API key) or the front proxy's tokens (token_file for
+    inference and read-only management calls, management_token_file for every management call),
+    re-read from their files when refused, so a rotated token is picked up. The files are read on
+    first use: an unreadable one is that server's ServerUnavailable, not a crash at start.
+    """
 
     def __init__(self, key_file: str | os.PathLike | None = None, management_url: str | None = None,
-                 keys: dict[str, str] | None = None, default_file: bool = True):
+                 keys: dict[str, str] | None = None, default_file: bool = True, *,
+                 token_file: str | os.PathLike | None = None,
+                 management_token_file: str | os.PathLike | None = None):
         # default_file=False (a fleet's replica): no key_file means no keys, never the local server's
-        self.key_file = find_key_file(key_file) if key_file or default_file else None
+        use_key_file = (key_file or default_file) and not (token_file or management_token_file)
+        self.key_file = find_key_file(key_file) if use_key_file else None
+        self.token_file = Path(token_file).expanduser() if token_file else None
+        self.management_token_file = Path(management_token_file).expanduser() if management_token_file else None
         self.management_url = management_url
-        self._lock = threading.Lock()
-        self._keys = dict(keys) if keys is not None else self._read()
+        self._lock = threading.Lock()  # guards _keys only: never held across I/O
+        self._renewing = threading.Lock()  # one renewal at a time; readers of the keys never wait for it
+        self._keys = dict(keys) if keys is not None else None
+        self._session: requests.Session | None = None
+
+    @property
+    def source(self) -> str:
+        """Where the credentials come from, for error messages."""
+        files = [str(f) for f in (self.key_file, self.token_file, self.management_token_file) if f]
+        return ", ".join(files) or "no key file"
 
     def _read(self) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for path, kinds in ((self.token_file, ("inference",)), (self.management_token_file, ("management",))):
+            if path is not None:
+                try:
+                    keys.update(dict.fromkeys(kinds, read_token(path)))
+                except (OSError, ValueError) as e:
+                    raise ServerUnavailable(f"cannot read token file {path}: {getattr(e, 'strerror', None) or e}"
+                                            ) from None
+        if self.token_file and "management" not in keys:
+            keys["management"] = keys["inference"]  # the proxy lets either token read; writes are refused
         if self.key_file is None:
-            return {}
+            return keys
         for attempt in range(20):  # the server may be writing the file right now
             try:
                 return read_keys(self.key_file)
@@ -118,13 +165,20 @@ class Keys:
                 return {}
             except (OSError, ValueError) as e:
                 if attempt == 19:
-                    raise ServerUnavailable(f"cannot read key file {self.key_file}: {e}") from None
+                    raise ServerUnavailable(f"cannot read key file {self.key_file}: "
+                                            f"{getattr(e, 'strerror', None) or e}") from None
                 time.sleep(0.05)
         return {}
 
     def get(self, kind: str) -> str | None:
         """The current key of `kind` ("inference", "management", "API"), or None."""
         with self._lock:
+            if self._keys is not None:
+                return self._keys.get(kind)
+        fresh = self._read()
+        with self._lock:
+            if self._keys is None:
+                self._keys = fresh
             return self._keys.get(kind)
 
     def headers(self, kind: str) -> dict[str, str]:
@@ -132,30 +186,32 @@ class Keys:
         key = self.get(kind)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def _replace(self, fresh: dict[str, str], kind: str, rejected: str | None) -> bool:
+        if fresh.get(kind) and fresh.get(kind) != rejected:
+            with self._lock:
+                self._keys = fresh
+            return True
+        return False
+
     def refresh(self, kind: str, rejected: str | None) -> bool:
-        """After `rejected` was refused: re-read the file, else ask for a new key; True if renewed."""
-        with self._lock:
-            if self._keys.get(kind) != rejected:
+        """After `rejected` was refused: re-read the files, else ask for a new key; True if renewed."""
+        with self._renewing:
+            if self.get(kind) != rejected:
                 return True  # another thread renewed it already
             fresh = self._read()
-            if fresh.get(kind) and fresh.get(kind) != rejected:
-                self._keys = fresh
+            if self._replace(fresh, kind, rejected):
                 return True
-            api_key = fresh.get("API") or self._keys.get("API")
-            if kind == "API" or not api_key or not self.management_url:
+            api_key = fresh.get("API") or self.get("API")
+            if kind == "API" or not api_key or not self.management_url or self.key_file is None:
                 return False
+            if self._session is None:
+                self._session = new_session(1)
             try:  # TorchServe answers with an empty body and rewrites the key file
-                response = requests.get(f"{self.management_url}/token", params={"type": kind},
-                                        headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+                response = self._session.get(f"{self.management_url}/token", params={"type": kind},
+                                             headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
             except requests.RequestException:
                 return False
-            if response.status_code != 200:
-                return False
-            fresh = self._read()
-            if fresh.get(kind) and fresh.get(kind) != rejected:
-                self._keys = fresh
-                return True
-            return False
+            return response.status_code == 200 and self._replace(self._read(), kind, rejected)
 
 
 def request_with_key(session: requests.Session, method: str, url: str, keys: Keys, kind: str,
@@ -169,25 +225,38 @@ def request_with_key(session: requests.Session, method: str, url: str, keys: Key
     return response
 
 
-def ping(inference_url: str, keys: Keys | None = None, timeout: float = 2.0) -> str | None:
-    """None when /ping answers Healthy, else what it answered (0.12 wants the inference key)."""
+def ping(inference_url: str, keys: Keys | None = None, timeout: float = 2.0,
+         session: requests.Session | None = None) -> str | None:
+    """None when /ping answers Healthy, else why not; KeyRefused when the key or token is refused."""
     keys = keys or Keys(keys={})
+    own = session is None
+    session = session or new_session(1)
     try:
-        response = request_with_key(new_session(1), "GET", f"{inference_url}/ping", keys, "inference",
+        response = request_with_key(session, "GET", f"{inference_url}/ping", keys, "inference",
                                     timeout=timeout)
     except requests.RequestException as e:
         return f"no answer on {inference_url}/ping ({type(e).__name__})"
+    finally:
+        if own:
+            session.close()
+    if is_auth_error(response):
+        raise KeyRefused(f"the server at {inference_url} refused the inference "
+                         + ("key" if keys.key_file else "token") + f" from {keys.source}")
     try:
         body = response.json()
     except ValueError:
         body = None
     if response.status_code == 200 and isinstance(body, dict) and body.get("status") == "Healthy":
         return None
-    return f"/ping answered {response.status_code}: {response.text.strip()[:200]}"
+    return f"/ping answered {response.status_code}: {' '.join(response.text.split())[:200]}"
 
 
 class TorchServe:
-    """The management and inference APIs of one server, with its keys; errors become one line."""
+    """The management and inference APIs of one server, with its keys; errors become one line.
+
+    Thread-safe: every thread gets its own keep-alive session (requests.Session is not meant to be
+    shared across threads); close() closes them all.
+    """
 
     def __init__(self, url: str, management_url: str | None = None, keys: Keys | None = None,
                  timeout: float = 10.0):
@@ -195,37 +264,53 @@ class TorchServe:
         self.management_url = (management_url or management_url_for(self.url)).rstrip("/")
         self.keys = keys if keys is not None else Keys(None, self.management_url)
         self.timeout = timeout
-        self.session = new_session()
-        self._local = threading.local()  # one keep-alive session per sending thread
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, timeout: float | None = None) -> "TorchServe":
-        """The server named by add_server_flags' --url, --management-url and --token-file."""
-        if args.token_file and not Path(args.token_file).is_file():
-            raise UserError(f"--token-file not found: {args.token_file}")
-        management_url = (args.management_url or management_url_for(args.url)).rstrip("/")
-        return cls(args.url, management_url, Keys(args.token_file, management_url),
-                   timeout=timeout or getattr(args, "timeout", 10.0))
+    def session(self) -> requests.Session:
+        """This thread's keep-alive session with the server."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = new_session(2)
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
+
+    def close(self) -> None:
+        """Close every thread's session."""
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def ping(self, timeout: float = 2.0) -> str | None:
+        """None when /ping answers Healthy, else why not (see ping())."""
+        return ping(self.url, self.keys, timeout, self.session())
 
     def call(self, method: str, path: str, what: str, ok_404: bool = False, **params) -> object:
         """One management request -> its JSON body; Refused with the server's message on an error."""
         params = {k: v for k, v in params.items() if v is not None}
         url = f"{self.management_url}{path}"
         try:
-            response = request_with_key(self.session, method, url, self.keys, "management",
-                                                 params=params, timeout=self.timeout)
+            response = request_with_key(self.session(), method, url, self.keys, "management",
+                                        params=params, timeout=self.timeout)
         except requests.ConnectionError:
             raise ServerUnavailable(f"server unreachable at {self.management_url} (is TorchServe running? "
-                            f"scripts/serve.sh status)") from None
+                                    f"scripts/serve.sh status)") from None
         except requests.Timeout:
             raise Refused(f"{what}: no answer within {self.timeout:g}s") from None
         if is_auth_error(response):
+            if self.keys.token_file or self.keys.management_token_file:
+                raise KeyRefused(f"{what}: the management API refused the token from {self.keys.source} "
+                                 f"(writes need the management token: management_token_file, "
+                                 f"--management-token-file)")
             if self.keys.key_file is None or not self.keys.key_file.is_file():
                 missing = self.keys.key_file or "key file"
-                raise ServerUnavailable(f"the server wants a key and there is no {missing}; pass the server's "
-                                        f"key_file.json with --token-file (key_file in a fleet)")
-            raise ServerUnavailable(f"the management API refused the key from {self.keys.key_file} and no fresh "
-                            f"one could be had; pass the server's key_file.json with --token-file")
+                raise KeyRefused(f"the server wants a key and there is no {missing}; pass the server's "
+                                 f"key_file.json with --token-file (key_file in a fleet)")
+            raise KeyRefused(f"the management API refused the key from {self.keys.key_file} and no fresh "
+                             f"one could be had; pass the server's key_file.json with --token-file")
         if response.status_code == 404 and ok_404:
             return None
         if response.status_code >= 400:
@@ -249,24 +334,23 @@ class TorchServe:
         """Every registered version of `name` (TorchServe's describe), [] when not registered."""
         return self.call("GET", f"/models/{name}/all", f"describe {name}", ok_404=True) or []
 
-    def describe(self, name: str, version: str | None = None) -> list[dict]:
+    def describe(self, name: str, version: str | None = None, **params) -> list[dict]:
         """TorchServe's describe of `version` (None: the default version), [] when not registered."""
         path = f"/models/{name}" + (f"/{version}" if version else "")
-        return self.call("GET", path, f"describe {name} {version or ''}".strip(), ok_404=True) or []
+        return self.call("GET", path, f"describe {name} {version or ''}".strip(), ok_404=True, **params) or []
 
     def default_version(self, name: str) -> str | None:
         """The version /predictions/NAME answers with, None when `name` is not registered."""
-        body = self.call("GET", f"/models/{name}", f"describe {name}", ok_404=True)
+        body = self.describe(name)
         return body[0]["modelVersion"] if body else None
 
-    def predict(self, name: str, version: str, data: bytes) -> requests.Response:
-        """POST one image to /predictions/NAME/VERSION with the inference key."""
-        if not hasattr(self._local, "session"):
-            self._local.session = new_session(1)
-        url = f"{self.url}/predictions/{name}/{version}"
-        return request_with_key(self._local.session, "POST", url, self.keys, "inference",
-                                         data=data, timeout=self.timeout,
-                                         headers={"Content-Type": "application/octet-stream"})
+    def predict(self, name: str, version: str | None, data: bytes,
+                content_type: str = "application/octet-stream",
+                timeout: float | None = None) -> requests.Response:
+        """POST one body to /predictions/NAME[/VERSION] with the inference key (renewed once if refused)."""
+        url = f"{self.url}/predictions/{name}" + (f"/{version}" if version else "")
+        return request_with_key(self.session(), "POST", url, self.keys, "inference", data=data,
+                                timeout=timeout or self.timeout, headers={"Content-Type": content_type})
 
 
 def server_message(response: requests.Response) -> str:
@@ -308,7 +392,10 @@ def wait_ready(server: TorchServe, timeout: float, alive=lambda: True) -> str | 
     while time.monotonic() < deadline:
         if not alive():
             return "the server process exited"
-        why = ping(server.url, server.keys)
+        try:
+            why = server.ping()
+        except KeyRefused as e:
+            return str(e)
         if why is None:
             try:
                 waiting = unready_models(server)
@@ -361,7 +448,10 @@ def main(args: argparse.Namespace) -> int:
     """Run `wait` or `status`; the exit code says whether it worked."""
     if args.command == "status":
         server = TorchServe(args.url, args.management_url, Keys(args.key_file, args.management_url))
-        why = ping(server.url, server.keys)
+        try:
+            why = server.ping()
+        except KeyRefused as e:
+            why = str(e)
         if why:
             print(f"error: {why}", file=sys.stderr)
             return 1

@@ -1,0 +1,244 @@
+"""A run over the replicas, one or many alike: each file to the healthy replica with the fewest requests
+in flight and room; a replica that stops answering, hangs or fails every request is taken out, probed
+back in (checked as at the start), and the files it held go elsewhere, so each file gets one row."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from client.fleet import Replica
+from client.pixels import BadImage
+from client.results import error_row
+from client.sending import Answer, Classifier, Retry
+from core.errors import ServerUnavailable
+from core.files import NotSent, read_image
+from core.torchserve import TorchServe
+
+PROBE_INTERVAL_S = 1.0  # how often a replica that was taken out is asked /ping and checked
+DEFAULT_GRACE_S = 30.0  # with every replica out this long, the run stops (exit 3, rows kept)
+
+
+@dataclass
+class ReplicaState:
+    """One replica during a run: its sender, what it holds, whether it is in, what it did."""
+
+    replica: Replica
+    server: TorchServe
+    sender: Classifier | None = None
+    in_flight: int = 0
+    sent: int = 0
+    healthy: bool = True
+    why: str | None = None  # why it was last taken out
+    taken_out: int = 0
+    files: int = 0
+    errors: int = 0
+    server_errors: int = 0  # 5xx answers in a row (other than the transient ones)
+
+
+def ping_state(state: ReplicaState) -> str | None:
+    """/ping's answer; a refused key or an unreadable key file is a reason to stay out, not a crash."""
+    try:
+        return state.server.ping()
+    except ServerUnavailable as e:
+        return str(e)
+
+
+def probe_replicas(replicas: list[Replica], timeout: float) -> list[ReplicaState]:
+    """Each replica's APIs and /ping in parallel; those that do not answer Healthy start out."""
+    states = [ReplicaState(r, r.api(timeout=timeout)) for r in replicas]
+    with ThreadPoolExecutor(min(16, len(states)), thread_name_prefix="probe") as pool:
+        answers = list(pool.map(ping_state, states))
+    for state, why in zip(states, answers, strict=True):
+        state.healthy, state.why = why is None, why
+    return states
+
+
+def healthy_servers(states: list[ReplicaState], source: str) -> list[TorchServe]:
+    """The servers of the replicas that are in; ServerUnavailable naming every reason when none is."""
+    servers = [s.server for s in states if s.healthy]
+    if not servers:
+        raise ServerUnavailable(f"no replica of {source} answers: "
+                                + "; ".join(f"{s.replica.name}: {s.why}" for s in states))
+    return servers
+
+
+class _Abort(threading.Event):
+    """The run's abort: setting it stops every replica's sender and wakes every waiting thread."""
+
+    def __init__(self, dispatcher: "Dispatcher"):
+        super().__init__()
+        self._dispatcher = dispatcher
+
+    def set(self) -> None:
+        super().set()
+        for state in self._dispatcher.states:
+            if state.sender is not None:
+                state.sender.abort.set()
+        with self._dispatcher.changed:
+            self._dispatcher.changed.notify_all()
+
+
+class Dispatcher:
+    """Sends one run's files over the replicas (one or many alike), each file until it has its row.
+
+    A file is read and prepared once, then sent to the healthy replica with the fewest requests in
+    flight and room. Retry says how often and how fast a transient answer is tried again. A timeout
+    or a cut connection takes its replica out at once (its other requests finish or time out there)
+    and the file goes elsewhere; a 5xx answer is tried once on each other healthy replica before it
+    is the image's error, and `retry.take_out_after` 5xx answers in a row take a replica out.
+    Replicas that are out are probed every `probe_interval` s with `admit` (the start's checks) and
+    put back when it passes; with every replica out for `grace` s the run stops (ServerUnavailable).
+    """
+
+    def __init__(self, states: list[ReplicaState], per_replica: int, retry: Retry, *,
+                 prepare: Callable[[bytes], tuple[bytes, str]], max_bytes: int, model: str,
+                 admit: Callable[[ReplicaState], str | None] = ping_state,
+                 probe_interval: float = PROBE_INTERVAL_S, grace: float = DEFAULT_GRACE_S):
+        self.states, self.per_replica, self.retry = states, per_replica, retry
+        self.prepare, self.max_bytes, self.model = prepare, max_bytes, model
+        self.admit, self.probe_interval, self.grace = admit, probe_interval, grace
+        self.changed = threading.Condition()
+        self.abort = _Abort(self)
+        self._all_out_since = None if any(s.healthy for s in states) else time.monotonic()
+        self._prober = threading.Thread(target=self._probe_loop, name="replica-probe", daemon=True)
+        self._prober.start()
+
+    def close(self) -> None:
+        """Stop the probe thread and close every replica's sessions."""
+        self.abort.set()
+        self._prober.join(timeout=5 + self.probe_interval)
+        for state in self.states:
+            state.server.close()
+
+    def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
+        """One file -> (its row, naming the replica that answered; failure reason or None); None when
+        the run stopped first."""
+        row = {"path": rel, "model": self.model}
+        started = time.perf_counter()
+        try:
+            body, content_type = self.prepare(read_image(path, self.max_bytes))
+        except NotSent as e:
+            return error_row(row, str(e), None), e.reason
+        except BadImage as e:  # refused here by the server's own check: its message, code, and time taken
+            row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            return error_row(row, e.message, e.code), f"http {e.code}"
+        attempt, refused_by, last = 0, set(), None
+        while not self.abort.is_set():
+            state = self._acquire(avoid=refused_by)
+            if state is None:
+                break
+            try:
+                answer = state.sender.send(body, content_type, row)
+            except ServerUnavailable as e:  # key refused, model or workers gone there: its fault, not the file's
+                self._take_out(state, str(e))
+                continue
+            finally:
+                self._release(state)
+            if answer.row is None:  # no answer: a hanging or dead replica; the file goes elsewhere
+                self._take_out(state, f"{answer.reason} ({answer.error})")
+                last = (error_row({**row, "replica": state.replica.name}, answer.error, None), answer.reason)
+            else:
+                done = self._answered(state, answer, refused_by)
+                if done:
+                    return done
+                last = (answer.row, answer.reason)
+            if not self.retry.allows(attempt):
+                return last
+            if answer.status in self.retry.statuses:
+                self.abort.wait(self.retry.delay(attempt))
+            attempt += 1
+        return None
+
+    def _answered(self, state: ReplicaState, answer: Answer, refused_by: set) -> tuple[dict, str | None] | None:
+        """Account for an answer; the final (row, reason), or None to send the file again."""
+        answer.row["replica"] = state.replica.name
+        status = answer.status or 0
+        with self.changed:  # a real answer: the fleet is no longer all out
+            self._all_out_since = None
+            server_error = status >= 500 and status not in self.retry.statuses
+            state.server_errors = state.server_errors + 1 if server_error else 0
+            if state.server_errors >= self.retry.take_out_after:
+                self._take_out_locked(state, f"{state.server_errors} server errors in a row "
+                                             f"(last: {answer.row.get('error')})")
+            if status in self.retry.statuses:
+                if status == 503:
+                    state.sender.check_workers_after_503()  # no READY worker: ServerUnavailable, taken out
+                return None
+            if server_error:
+                refused_by.add(state.replica.name)
+                if any(s.healthy and s.replica.name not in refused_by for s in self.states):
+                    return None  # another replica may answer it: a replica's fault is not the image's
+            state.files += 1
+            state.errors += answer.row.get("status") != "ok"
+        return answer.row, answer.reason
+
+    def _acquire(self, avoid: set) -> ReplicaState | None:
+        """The healthy replica with the fewest requests in flight and room (one not in `avoid` when
+        there is one); waits while there is none; ServerUnavailable when all stay out past the grace."""
+        with self.changed:
+            while not self.abort.is_set():
+                room = [s for s in self.states if s.healthy and s.in_flight < self.per_replica]
+                room = [s for s in room if s.replica.name not in avoid] or room
+                if room:
+                    state = min(room, key=lambda s: (s.in_flight, s.sent))
+                    state.in_flight += 1
+                    state.sent += 1
+                    return state
+                if (self._all_out_since is not None and not any(s.healthy for s in self.states)
+                        and time.monotonic() - self._all_out_since > self.grace):
+                    reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in self.states)
+                    raise ServerUnavailable(f"no replica answered for {self.grace:g}s ({reasons})")
+                self.changed.wait(0.2)
+        return None
+
+    def _release(self, state: ReplicaState) -> None:
+        with self.changed:
+            state.in_flight -= 1
+            self.changed.notify_all()
+
+    def _take_out(self, state: ReplicaState, why: str) -> None:
+        with self.changed:
+            self._take_out_locked(state, why)
+
+    def _take_out_locked(self, state: ReplicaState, why: str) -> None:
+        """Send nothing more there and stop its retries; the probe brings it back."""
+        if state.healthy:
+            state.healthy, state.why = False, " ".join(why.split())
+            state.taken_out += 1
+            state.sender.abort.set()  # its files waiting to retry there go elsewhere
+            if not any(s.healthy for s in self.states) and self._all_out_since is None:
+                # kept while replicas come back and fail again before answering: the grace runs out
+                self._all_out_since = time.monotonic()
+        self.changed.notify_all()
+
+    def _probe_loop(self) -> None:
+        while not self.abort.wait(self.probe_interval):
+            for state in [s for s in self.states if not s.healthy]:
+                with self.changed:  # wait for its last requests to leave before its abort is cleared
+                    if state.in_flight:
+                        continue
+                try:
+                    why = self.admit(state)
+                except Exception as e:  # noqa: BLE001 - this thread must live on: the replica stays out
+                    why = f"probe failed: {type(e).__name__}: {e}"
+                with self.changed:
+                    if why is None and not self.abort.is_set():
+                        state.sender.abort.clear()
+                        state.healthy, state.server_errors = True, 0
+                        self.changed.notify_all()
+                    elif why is not None:
+                        state.why = " ".join(why.split())
+
+    def summary(self, elapsed: float) -> list[str]:
+        """One line per replica: files, images/s, errors, and how often it was taken out (why)."""
+        lines = []
+        for s in self.states:
+            out = f"; taken out {s.taken_out}x, last: {s.why}" if s.taken_out else ""
+            out += "" if s.healthy else ("; out at the end" if s.taken_out else f"; never in: {s.why}")
+            lines.append(f"replica {s.replica.name}: files {s.files}, {s.files / max(elapsed, 1e-9):.1f} "
+                         f"images/s, errors {s.errors}{out}")
+        return lines

@@ -1,0 +1,67 @@
+"""The errors every command of the project reports in one line, and the exit code of each.
+
+One type per meaning, under one base, ProjectError:
+  exit 1  Refused      an operation the server (or a check before it) refused; nothing changed
+          RolledBack   a rollout failed part-way and was undone
+  exit 2  UserError    the user's input or flags are wrong: never worth retrying as it is
+          KeyRefused   the server refused our key or token: a configuration error, as exit 2
+  exit 3  ServerUnavailable  the server, or every replica of a fleet, cannot be used now:
+                       unreachable, no READY worker; worth retrying later
+  exit 130             interrupted (Ctrl-C, SIGTERM)
+docs/exit-codes.md (README "Exit codes") is the table a batch scheduler acts on.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class ProjectError(Exception):
+    """Every error the project reports in one line."""
+
+
+class UserError(ProjectError):
+    """A mistake in the user's input or flags, named with its file (and line): exit code 2."""
+
+
+class ServerUnavailable(ProjectError):
+    """The server cannot be used now (unreachable, no worker, every replica out): exit code 3."""
+
+
+class KeyRefused(ServerUnavailable):
+    """The server refused the key or token we hold and no fresh one could be had: exit code 2."""
+
+
+class Refused(ProjectError):
+    """The server, or a check before it, refused an operation; nothing was changed: exit code 1."""
+
+
+class RolledBack(ProjectError):
+    """A rollout failed part-way and was undone: exit code 1."""
+
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_RETRY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# most specific first: the first matching type gives the code
+EXIT_CODES: dict[type[Exception], int] = {KeyRefused: EXIT_USAGE, UserError: EXIT_USAGE,
+                                          ServerUnavailable: EXIT_RETRY, Refused: EXIT_FAILED,
+                                          RolledBack: EXIT_FAILED}
+
+
+def one_line(error: Exception) -> str:
+    """The error's message as one line (a DataLoader worker re-raises with its traceback: keep the last)."""
+    text = str(error).strip()
+    message = text.splitlines()[-1] if text else type(error).__name__
+    return message.removeprefix(f"{type(error).__module__}.{type(error).__name__}: ")
+
+
+def run_main(main: Callable, args) -> None:
+    """Run a command's `main(args)`: its int result is the exit code; a known error is `error: ...`."""
+    try:
+        code = main(args)
+    except tuple(EXIT_CODES) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(next(code for kind, code in EXIT_CODES.items() if isinstance(e, kind)))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
