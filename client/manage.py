@@ -8,6 +8,9 @@ and the old version is unregistered only once its queue has drained.
     .venv/bin/python scripts/manage.py list
     .venv/bin/python scripts/manage.py rollout model_store/digits-2.0.mar --smoke-dir demo/val
     .venv/bin/python scripts/manage.py list --fleet fleet.yaml    # every replica, version skew flagged
+
+One server (--url) is a fleet of one: every command, the rollout included, runs the same code on
+one replica or on all the replicas of --fleet.
 """
 from __future__ import annotations
 
@@ -16,33 +19,34 @@ import json
 import os
 from pathlib import Path
 
+from client.fleet import replicas_from_args
+from client.rollout import rollout
+from client.versions import Member, locate_mar, register, snapshots, unregister, version_skew
 from core.errors import Refused, ServerUnavailable, UserError, run_main
-from client.fleet_rollout import Member, fleet_members, fleet_rollout, parse_log_dirs, snapshots, version_skew
-from client.rollout import locate_mar, register, rollout, unregister
-from core.torchserve import DEFAULT_INFERENCE_URL, REPO_ROOT, TorchServe, add_server_flags, format_version
+from core.torchserve import REPO_ROOT, add_server_flags, format_version
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
 DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh
 
 
-def run_command(client: TorchServe, args: argparse.Namespace) -> str:
-    """Do the subcommand; return its one-line (or, for list/describe, multi-line) summary."""
-    if args.command == "list":
-        lines = []
-        for name in client.model_names():
-            default = client.default_version(name)
-            lines += [format_version(entry, default) for entry in client.versions(name)]
-        return "\n".join(lines) or "no models registered"
-    if args.command == "describe":
-        path = f"/models/{args.name}/{args.version or 'all'}"
-        entries = client.call("GET", path, f"describe {args.name} {args.version or ''}".strip())
-        if args.json:
-            return json.dumps(entries, indent=2)
-        return "\n".join(describe_lines(entries, client.default_version(args.name)))
+def run_command(members: list[Member], args: argparse.Namespace) -> str:
+    """Do the subcommand on every replica (one server: a fleet of one); return its summary. list and
+    describe read every replica at once and flag version skew; the writes go replica by replica."""
+    if args.command == "rollout":
+        return rollout(members, args)
+    if args.command in ("list", "describe"):
+        return read_replicas(members, args)
+    label = (lambda m: f"{m.name}: ") if len(members) > 1 else (lambda m: "")
+    return "\n".join(label(m) + change(m, args) for m in members)
+
+
+def change(m: Member, args: argparse.Namespace) -> str:
+    """register, set-default, scale or unregister on one replica; its one-line summary."""
+    client = m.server
     if args.command == "register":
         name, version = register(client, locate_mar(args.mar, args.model_store), args.workers,
-                                 args.batch_size, args.max_batch_delay, args.log_dir)
-        entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
+                                 args.batch_size, args.max_batch_delay, m.log_dir)
+        entry = client.describe(name, version)[0]
         return "register: " + format_version(entry, client.default_version(name))
     if args.command == "set-default":
         client.call("PUT", f"/models/{args.name}/{args.version}/set-default",
@@ -52,13 +56,11 @@ def run_command(client: TorchServe, args: argparse.Namespace) -> str:
         path = f"/models/{args.name}" + (f"/{args.version}" if args.version else "")
         client.call("PUT", path, f"scale {args.name} {args.version or '(default)'}", min_worker=args.min,
                     max_worker=args.max, synchronous="true")
-        entry = client.call("GET", path, f"describe {args.name}")[0]
+        entry = client.describe(args.name, args.version)[0]
         return "scale: " + format_version(entry, client.default_version(args.name))
-    if args.command == "unregister":
-        unregister(client, args.name, args.version, args.drain_seconds, args.drain_timeout, args.log_dir)
-        left = [v["modelVersion"] for v in client.versions(args.name)]
-        return f"unregister: {args.name} {args.version} removed; versions left: {', '.join(left) or 'none'}"
-    return rollout(client, args)
+    unregister(client, args.name, args.version, args.drain_seconds, args.drain_timeout, m.log_dir)
+    left = [v["modelVersion"] for v in client.versions(args.name)]
+    return f"unregister: {args.name} {args.version} removed; versions left: {', '.join(left) or 'none'}"
 
 
 def describe_lines(entries: list[dict], default: str | None, prefix: str = "") -> list[str]:
@@ -74,37 +76,45 @@ def describe_lines(entries: list[dict], default: str | None, prefix: str = "") -
     return lines
 
 
-def run_fleet_command(members: list[Member], args: argparse.Namespace) -> str:
-    """list, describe or rollout over every replica of --fleet; list and describe flag version skew."""
-    if args.command == "rollout":
-        return fleet_rollout(members, args, parse_log_dirs(args.replica_log_dir, members))
+def read_replicas(members: list[Member], args: argparse.Namespace) -> str:
+    """list or describe: every replica read at once; with several, each line names its replica and
+    version skew is flagged. A replica that cannot be read is named, the others still printed."""
     snaps = snapshots(members, [args.name] if args.command == "describe" else None)
+    several = len(members) > 1
+    if not several and snaps[0].failure is not None:
+        raise snaps[0].failure
     if args.command == "describe" and args.json:
-        return json.dumps({s.replica: {"error": s.error} if s.error
-                           else s.models.get(args.name, (None, []))[1] for s in snaps}, indent=2)
-    lines = []
-    for s in snaps:
-        if s.error:
-            lines.append(f"{s.replica}: error: {s.error}")
-        elif not s.models:
-            lines.append(f"{s.replica}: " + (f"{args.name} is not registered" if args.command == "describe"
-                                             else "no models registered"))
-        for name, (default, entries) in s.models.items():
-            entries = [e for e in entries if getattr(args, "version", None) in (None, e["modelVersion"])]
-            if args.command == "describe":
-                lines += describe_lines(entries, default, f"{s.replica}: ")
-            else:
-                lines += [f"{s.replica}: {format_version(entry, default)}" for entry in entries]
-    skew = version_skew(snaps)
-    readable = [s for s in snaps if not s.error]
-    lines += skew or [f"fleet: {len(readable)} of {len(snaps)} replicas read, no version skew"]
-    print("\n".join(lines))
-    if len(readable) < len(snaps):
-        names = ", ".join(s.replica for s in snaps if s.error)
-        raise ServerUnavailable(f"{len(snaps) - len(readable)} of {len(snaps)} replicas could not be read "
-                                f"({names}); the lines above show the rest")
+        answers = {s.replica: {"error": s.error} if s.error else s.models.get(args.name, (None, []))[1]
+                   for s in snaps}
+        print(json.dumps(answers if several else next(iter(answers.values())), indent=2))
+    else:
+        lines = []
+        for s in snaps:
+            prefix = f"{s.replica}: " if several else ""
+            if s.error:
+                lines.append(f"{prefix}error: {s.error}")
+            elif not s.models:
+                lines.append(prefix + (f"{args.name} is not registered" if args.command == "describe"
+                                       else "no models registered"))
+            for name, (default, entries) in s.models.items():
+                entries = [e for e in entries if getattr(args, "version", None) in (None, e["modelVersion"])]
+                if args.command == "describe":
+                    lines += describe_lines(entries, default, prefix)
+                else:
+                    lines += [prefix + format_version(entry, default) for entry in entries]
+        readable = [s for s in snaps if not s.error]
+        if several:
+            lines += version_skew(snaps) or [f"fleet: {len(readable)} of {len(snaps)} replicas read, "
+                                             f"no version skew"]
+        print("\n".join(lines))
+    unreadable = [s for s in snaps if s.error]
+    if unreadable and not several and isinstance(unreadable[0].failure, (ServerUnavailable, Refused, UserError)):
+        raise unreadable[0].failure  # one server: its own error, with its own exit code
+    if unreadable:
+        raise ServerUnavailable(f"{len(unreadable)} of {len(snaps)} replicas could not be read "
+                                f"({', '.join(s.replica for s in unreadable)}); the lines above show the rest")
     if args.command == "describe" and not any(s.models for s in snaps):
-        raise Refused(f"describe {args.name}: not registered on any replica")
+        raise Refused(f"describe {args.name}: not registered" + (" on any replica" if several else ""))
     return ""
 
 
@@ -125,18 +135,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--max-accuracy-drop must be between 0 and 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
-    if args.fleet:
-        if args.command not in ("list", "describe", "rollout"):
-            raise UserError(f"--fleet works with list, describe and rollout; {args.command} acts on one "
-                            f"server: pass its --url, --management-url and --token-file")
-        if args.url != DEFAULT_INFERENCE_URL or args.management_url or args.token_file:
-            raise UserError("--fleet replaces --url, --management-url and --token-file: every replica's "
-                            "URLs and key file come from the fleet file")
-        if getattr(args, "log_dir", DEFAULT_LOG_DIR) != DEFAULT_LOG_DIR:
-            raise UserError("--log-dir names one server's log folder; with --fleet pass "
-                            "--replica-log-dir NAME=DIR for each replica whose logs this machine can read")
-    elif getattr(args, "replica_log_dir", None):
-        raise UserError("--replica-log-dir needs --fleet (one server: --log-dir)")
+    if args.command == "rollout" and args.rollback_deadline <= 0:
+        raise UserError("--rollback-deadline must be > 0")
+    if args.fleet and getattr(args, "log_dir", None) is not None:
+        raise UserError("--log-dir names one server's log folder; with --fleet pass "
+                        "--replica-log-dir NAME=DIR for each replica whose logs this machine can read")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -144,8 +147,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     add_server_flags(server)
     server.add_argument("--fleet", type=Path, default=None,
-                        help="a fleet file (docs/fleet.md): act on every replica it names instead of "
-                             "one server; with list, describe and rollout")
+                        help="a fleet file (docs/fleet.md): act on every replica it names instead of one "
+                             "server (--url)")
+    server.add_argument("--replica-log-dir", action="append", default=[], metavar="NAME=DIR",
+                        help="with --fleet: replica NAME's log folder, when this machine can read it (a "
+                             "worker's reason, the drain's batches); without it that replica's drain waits "
+                             "the old version's responseTimeout; repeat for each replica")
     server.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for one answer; registering waits for its workers "
                              "(default: %(default)s)")
@@ -162,7 +169,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     workers.add_argument("--max-batch-delay", type=int, default=None,
                          help="ms a batch waits to fill (default: the archive's model-config.yaml)")
     logs = argparse.ArgumentParser(add_help=False)
-    logs.add_argument("--log-dir", type=Path, default=DEFAULT_LOG_DIR,
+    logs.add_argument("--log-dir", type=Path, default=None,
                       help="the local server's log folder: a failed worker's reason, and the batches "
                            "workers hold while draining (default: $TS_LOG_DIR, else logs/, as serve.sh)")
     drain_ = argparse.ArgumentParser(add_help=False)
@@ -210,23 +217,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-model", action="store_true",
                    help="allow a MAR whose model name the server does not serve yet, beside other models")
     p.add_argument("--keep-old", action="store_true", help="keep the old default version registered")
-    p.add_argument("--replica-log-dir", action="append", default=[], metavar="NAME=DIR",
-                   help="with --fleet: replica NAME's log folder, when this machine can read it (a "
-                        "worker's reason, the drain's batches); without it that replica's drain waits "
-                        "the old version's responseTimeout; repeat for each replica")
+    p.add_argument("--rollback-deadline", type=float, default=60.0, metavar="SECONDS",
+                   help="after a failure, how long switching a replica back is retried (each switch is "
+                        "read back) before the rollback is reported incomplete (default: %(default)s)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     """Run one subcommand: 0 done; a refusal or a rollback raises (exit 1), a usage error too (2)."""
     check_args(args)
-    if args.fleet:
-        summary = run_fleet_command(fleet_members(args.fleet, args.timeout), args)
-        if summary:
-            print(summary)
-        return 0
-    client = TorchServe.from_args(args)
-    print(run_command(client, args))
+    if getattr(args, "log_dir", "") is None and not args.fleet:
+        args.log_dir = DEFAULT_LOG_DIR  # one server: the local one's logs, as serve.sh writes them
+    replicas, _ = replicas_from_args(args)
+    members = [Member.of(r, args.timeout) for r in replicas]
+    try:
+        summary = run_command(members, args)
+    finally:
+        for m in members:
+            m.server.close()
+    if summary:
+        print(summary)
     return 0
 
 

@@ -103,18 +103,13 @@ def read_rows(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]:
     unfinished = not _ends_with_newline(path)
     previous: tuple[int, dict | None] | None = None
     count = 0
-    try:
-        for record in _records(path):
-            if previous is not None:
-                count += yield from _checked(path, previous, strict)
-            previous = record
-        if previous is not None and not unfinished:
+    for record in _records(path):
+        if previous is not None:
             count += yield from _checked(path, previous, strict)
-    except UnicodeDecodeError:  # surrogateescape reads any bytes; kept for safety
-        raise UserError(f"{path}: not a UTF-8 text file") from None
-    if strict and count == 0 and path.stat().st_size > 0 and previous is not None and not unfinished:
-        raise UserError(f"{path}: no readable row (not a classify_dir output?)")
-    if strict and count == 0 and path.stat().st_size > 0 and previous is None:
+        previous = record
+    if previous is not None and not unfinished:
+        count += yield from _checked(path, previous, strict)
+    if strict and count == 0 and path.stat().st_size > 0:
         raise UserError(f"{path}: no readable row (not a classify_dir output?)")
 
 

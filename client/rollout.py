@@ -1,135 +1,23 @@
-"""Changing what a TorchServe serves, for manage.py: the archive a version comes from, register,
-drain and unregister a version, and the rollout that swaps versions with no failed request
-(smoke test first, roll back on failure).
+"""The rollout, over one server or a fleet alike (a single server is a fleet of one): register and
+smoke-test the new version on every replica before any default changes, then switch the default replica
+by replica, then retire the old version on every replica (the drains run side by side). A failure before
+the last switch switches back the replicas already switched (retried until --rollback-deadline, each
+read back) and removes the new version everywhere; what each replica ends on is read and printed.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
+from client.versions import (API_ERRORS, Member, locate_mar, read_manifest, register, say, snapshots,
+                             unregister, version_skew)
 from core.errors import Refused, RolledBack, ServerUnavailable, UserError
-from client.server_logs import BatchWatch, LogTail, worker_failure
-from core.torchserve import TorchServe, pending_requests, server_message
-from core.files import DEFAULT_EXTENSIONS, iter_files, true_label_of
-
-
-def read_manifest(mar: Path) -> tuple[str, str]:
-    """(model name, version) from the archive's MAR-INF/MANIFEST.json, not from its file name."""
-    try:
-        with zipfile.ZipFile(mar) as archive:
-            model = json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]
-        return str(model["modelName"]), str(model["modelVersion"])
-    except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError) as e:
-        raise Refused(f"{mar} is not a readable model archive (MAR-INF/MANIFEST.json with modelName "
-                      f"and modelVersion): {type(e).__name__}: {e}") from None
-
-
-def locate_mar(mar: str, store: Path) -> Path:
-    """The archive as a path inside the model store: TorchServe registers only files of its store."""
-    path = Path(mar).expanduser()
-    if not path.is_file() and not path.is_absolute() and (store / mar).is_file():
-        path = store / mar
-    if not path.is_file():
-        raise UserError(f"model archive not found: {mar} (nor in the model store {store})")
-    if path.resolve().parent != store.resolve():
-        raise UserError(f"{mar} is not in the model store {store}: copy it there, or pass the store "
-                        f"the server serves with --model-store")
-    return path
-
-
-def register(client: TorchServe, mar: Path, workers: int | None, batch_size: int | None,
-             max_batch_delay: int | None, log_dir: Path | None = None) -> tuple[str, str]:
-    """Register an archive of the store and wait until its workers are READY; (name, version)."""
-    name, version = read_manifest(mar)
-    if any(v["modelVersion"] == version for v in client.versions(name)):
-        raise Refused(f"{name} version {version} is already registered: unregister it first, or "
-                      f"archive the new model under a new version")
-    model_log = LogTail(log_dir / "model_log.log") if log_dir else None  # lines from here on
-    try:
-        client.call("POST", "/models", f"register {mar.name} ({name} {version})", url=mar.name,
-                    synchronous="true", initial_workers=workers, batch_size=batch_size,
-                    max_batch_delay=max_batch_delay)
-    except Refused as e:
-        if "Model not found at" in str(e):
-            raise Refused(f"{e} (the server's model store has no {mar.name}: is --model-store the "
-                          f"store it serves?)") from None
-        reason = model_log and worker_reason(model_log, name, version)
-        if reason:  # the API says only "Failed to start workers"; the worker's log says why
-            raise Refused(f"{e}; the worker said: {reason}") from None
-        raise
-    entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
-    if workers and entry.get("minWorkers") != workers:  # the archive's maxWorkers caps initial_workers
-        client.call("PUT", f"/models/{name}/{version}", f"scale {name} {version}", min_worker=workers,
-                    max_worker=max(workers, int(entry.get("maxWorkers") or 0)), synchronous="true")
-    return name, version
-
-
-def worker_reason(model_log: LogTail, name: str, version: str) -> str | None:
-    """The exception line of a worker that failed to start; the log may trail the API by a moment."""
-    for _ in range(10):
-        reason = worker_failure(model_log, name, version)
-        if reason:
-            return reason
-        time.sleep(0.1)
-    return None
-
-
-def drain(client: TorchServe, name: str, version: str, quiet_s: float, timeout_s: float,
-          watch: BatchWatch | None) -> bool:
-    """Wait until a version has had no queued request and no worker inside a batch for quiet_s
-    seconds; False after timeout_s more. Without `watch` only the queue is seen."""
-    deadline, quiet_since = time.monotonic() + quiet_s + timeout_s, None
-    while time.monotonic() < deadline:
-        entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}", ok_404=True)
-        if not entry:
-            return True
-        now = time.monotonic()
-        ids = [str(w.get("id")) for w in entry[0].get("workers", [])]
-        if pending_requests(entry[0]) or (watch and watch.busy(ids)):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = now
-        elif now - quiet_since >= quiet_s:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def unregister(client: TorchServe, name: str, version: str, quiet_s: float, timeout_s: float,
-               log_dir: Path | None = None, label: str = "") -> None:
-    """Unregister a version once its queue is empty and its workers hold no batch: TorchServe never
-    answers the requests of a removed version (docs/rollout.md)."""
-    versions = [v["modelVersion"] for v in client.versions(name)]
-    if version not in versions:
-        raise Refused(f"{name} has no version {version} (registered: {', '.join(versions) or 'none'})")
-    default = client.default_version(name)
-    if version == default and len(versions) > 1:
-        others = ", ".join(v for v in versions if v != version)
-        raise Refused(f"{name} {version} is the default version and other versions are registered "
-                      f"({others}); TorchServe refuses to remove it: make another one the default first "
-                      f"(manage.py set-default {name} VERSION)")
-    entry = client.call("GET", f"/models/{name}/{version}", f"describe {name} {version}")[0]
-    quiet_s = max(quiet_s, 2 * int(entry.get("maxBatchDelay") or 0) / 1000)  # a batch still filling
-    watch = BatchWatch(log_dir, name, version) if log_dir else None
-    if watch is None or watch.busy([str(w.get("id")) for w in entry.get("workers", [])]) is None:
-        # No log of this server's workers: a batch ends within responseTimeout (TorchServe
-        # restarts a worker that is silent for longer), so that long a quiet queue is certain too.
-        quiet_s = max(quiet_s, float(entry.get("responseTimeout") or 120))
-        watch = None
-        where = f"in {log_dir} (--log-dir)" if log_dir else "to read (no log folder given)"
-        say(f"{label}{name} {version}: no ts_log.log of its workers {where}; waiting "
-            f"{quiet_s:g}s of empty queue (its responseTimeout) so that no batch is cut")
-    if not drain(client, name, version, quiet_s, timeout_s, watch):
-        raise Refused(f"{name} {version} still has queued requests or a batch in a worker after "
-                      f"{quiet_s + timeout_s:g}s (clients calling /predictions/{name}/{version} "
-                      f"directly?); not unregistered")
-    client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
+from core.files import IMAGE_EXTENSIONS, iter_files, true_label_of
+from core.torchserve import TorchServe, server_message
 
 
 def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[bytes, str, str | None]]:
@@ -138,9 +26,8 @@ def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"--smoke-dir is not a folder: {directory}")
-    extensions = {e.lower() for e in DEFAULT_EXTENSIONS.split(",")}
     images = []
-    for path in iter_files(root, extensions):
+    for path in iter_files(root, set(IMAGE_EXTENSIONS)):
         rel = path.relative_to(root).as_posix()
         try:
             data = path.read_bytes()
@@ -148,11 +35,10 @@ def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[
             raise UserError(f"--smoke-dir: cannot read {path}: {e.strerror or e}") from None
         images.append((data, rel, true_label_of(rel)))
     if not images:
-        raise UserError(f"--smoke-dir has no images ({DEFAULT_EXTENSIONS}): {directory}")
-    loose = [rel for _, rel, label in images if label is None]
-    if min_accuracy is not None and loose:
-        raise UserError(f"--min-accuracy needs --smoke-dir laid out as class folders (DIR/<label>/...), "
-                        f"but {loose[0]} is directly in {directory}")
+        raise UserError(f"--smoke-dir has no images ({', '.join(IMAGE_EXTENSIONS)}): {directory}")
+    if min_accuracy is not None and not any(label for _, _, label in images):
+        raise UserError(f"--min-accuracy needs images in class folders (DIR/<label>/...) under {directory}, "
+                        f"and it has none")
     return images
 
 
@@ -176,11 +62,17 @@ def classify_smoke(client: TorchServe, name: str, version: str, images: list) ->
 
 
 def smoke_accuracy(images: list, results: list) -> float | None:
-    """Share of right labels (a failed image counts as wrong); None unless every image has a class folder."""
-    truth = [label for _, _, label in images]
-    if not truth or None in truth:
+    """Share of right labels over the images in a class folder (a failed one counts as wrong); images
+    directly in the smoke folder have no truth and are left out; None when no image has a class folder."""
+    pairs = [(label, predicted) for (_, _, label), (_, predicted, _) in zip(images, results) if label]
+    if not pairs:
         return None
-    return sum(t == p for t, (_, p, _) in zip(truth, results)) / len(truth)
+    return sum(t == p for t, p in pairs) / len(pairs)
+
+
+def labelled(images: list) -> int:
+    """How many smoke images have a class folder (the ones the accuracy is measured on)."""
+    return sum(1 for _, _, label in images if label)
 
 
 def smoke_test(client: TorchServe, name: str, version: str, images: list, min_accuracy: float | None,
@@ -195,7 +87,7 @@ def smoke_test(client: TorchServe, name: str, version: str, images: list, min_ac
     summary = f"{len(images)}/{len(images)} smoke images ok"
     accuracy = smoke_accuracy(images, results)
     if accuracy is not None:
-        summary += f", accuracy {accuracy:.4f}"
+        summary += f", accuracy {accuracy:.4f} on the {labelled(images)} in class folders"
         if min_accuracy is not None and accuracy < min_accuracy:
             raise Refused(f"smoke test: accuracy {accuracy:.4f} of {name} {version} on {len(images)} "
                           f"images is below --min-accuracy {min_accuracy:g}")
@@ -210,78 +102,203 @@ def smoke_test(client: TorchServe, name: str, version: str, images: list, min_ac
     return summary
 
 
-def rollout(client: TorchServe, args: argparse.Namespace) -> str:
-    """Register, smoke-test, make default, retire the old default; undo the new version on failure."""
+def read_state(client: TorchServe, name: str) -> tuple[str | None, list[str]]:
+    """(default version or None, every registered version) of `name` on one replica."""
+    versions = sorted(v["modelVersion"] for v in client.versions(name))
+    return (client.default_version(name) if versions else None), versions
+
+
+def report_end_states(members: list[Member], name: str) -> dict[str, tuple[str | None, list[str]] | None]:
+    """Print what every replica ends on, read back now; {replica: (default, versions), None if unreadable}."""
+    states: dict[str, tuple[str | None, list[str]] | None] = {}
+    for m in members:
+        try:
+            states[m.name] = default, versions = read_state(m.server, name)
+            state = (f"{name} {default} is the default (registered: {', '.join(versions)})" if default
+                     else f"{name} not registered")
+        except API_ERRORS as e:
+            states[m.name], state = None, f"could not be read ({e})"
+        say(f"rollout: {m.name} ends on: {state}")
+    return states
+
+
+def switch_back(m: Member, name: str, version: str, old: str, deadline: float) -> tuple[bool, str | None]:
+    """Make `old` the default again where `version` is, read back, retried until `deadline` (a frozen
+    or restarting replica may answer later); (whether it was switched, the problem left or None)."""
+    why = None
+    while True:
+        try:
+            if m.server.default_version(name) != version:
+                return False, None
+            m.server.call("PUT", f"/models/{name}/{old}/set-default", f"set-default {name} {old}")
+            if m.server.default_version(name) == old:  # read back: the only proof
+                say(f"rollout: {m.name}: {name} {old} is the default again")
+                return True, None
+            why = f"{name} {old} was set as the default but the replica does not say so"
+        except API_ERRORS as e:
+            why = str(e)
+        if time.monotonic() >= deadline:
+            return False, f"switching back failed until the deadline: {why}"
+        time.sleep(1.0)
+
+
+def roll_back(members: list[Member], name: str, version: str, old: str | None,
+              args: argparse.Namespace) -> tuple[bool, str]:
+    """Switch every replica whose default is `version` back to `old` first (all clients see the old
+    version again), then remove `version` everywhere; (complete, a summary of where replicas end,
+    as read back from each)."""
+    deadline = time.monotonic() + args.rollback_deadline
+    switched, problems = set(), {}
+    if old:
+        with ThreadPoolExecutor(len(members)) as pool:
+            for m, (done, problem) in zip(members, pool.map(
+                    lambda m: switch_back(m, name, version, old, deadline), members)):
+                if done:
+                    switched.add(m.name)
+                if problem:
+                    problems[m.name] = problem
+
+    def remove(m: Member) -> None:
+        if m.name in problems:
+            return  # the new version may still be its default: TorchServe would refuse, leave it
+        try:
+            if not any(v["modelVersion"] == version for v in m.server.versions(name)):
+                return
+            if m.name in switched:  # it served clients: drain it like any retired version
+                unregister(m.server, name, version, args.drain_seconds, args.drain_timeout, m.log_dir,
+                           label=f"{m.name}: ")
+            else:  # never the default: only the smoke test ever called it
+                m.server.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
+        except API_ERRORS as e:
+            problems[m.name] = f"removing {name} {version} failed: {e}"
+
+    with ThreadPoolExecutor(len(members)) as pool:
+        list(pool.map(remove, members))
+    states = report_end_states(members, name)
+    unread = [r for r, state in states.items() if state is None]
+    if not problems and not unread and all(state[0] == old and version not in state[1]
+                                           for state in states.values()):
+        where = "every replica" if len(members) > 1 else members[0].name
+        return True, ((f"{name} {old} is the default on {where}" if old else f"{name} is registered on "
+                       f"no replica") + f", {version} removed")
+    trouble = [f"{r}: {p}" for r, p in problems.items()] + [f"{r}: could not be read" for r in unread
+                                                             if r not in problems]
+    return False, (f"the rollback is INCOMPLETE ({'; '.join(trouble) or 'replicas differ'}): "
+                   f"check with manage.py list")
+
+
+def check_replicas(members: list[Member], name: str, version: str, new_model: bool, mar: str) -> str | None:
+    """The old default, the same on every replica; Refused (nothing changed) when it cannot go ahead."""
+    snaps = snapshots(members, [name])
+    unreadable = [s for s in snaps if s.error]
+    if unreadable:
+        raise ServerUnavailable(f"rollout: replica {unreadable[0].replica}: {unreadable[0].error} "
+                                f"(nothing changed on any replica)")
+    has = [s.replica for s in snaps
+           if any(e["modelVersion"] == version for e in s.models.get(name, (None, []))[1])]
+    if has:
+        raise Refused(f"rollout: {name} version {version} is already registered on {', '.join(has)}; "
+                      f"archive the new model under a new version (nothing changed)")
+    skew = version_skew(snaps)
+    defaults = {s.models.get(name, (None,))[0] for s in snaps}
+    if len(defaults) > 1:
+        raise Refused(f"rollout: {skew[0]}; bring every replica to one default first (manage.py "
+                      f"set-default on each, or unregister) (nothing changed)")
+    old = defaults.pop()
+    if old is None and not new_model:
+        served = sorted({m for s in snapshots(members) if not s.error for m in s.models})
+        if served:
+            raise Refused(f"rollout: {mar} is model {name}, which the fleet does not serve (it serves "
+                          f"{', '.join(served)}); rebuild the archive with the served name, or pass "
+                          f"--new-model to add {name} beside them (nothing changed)")
+    return old
+
+
+def rollout(members: list[Member], args: argparse.Namespace) -> str:
+    """Register and smoke-test on every replica, then switch every default, then retire the old
+    version everywhere; before the last switch, any failure rolls every replica back."""
     images = list_smoke_images(args.smoke_dir, args.min_accuracy) if args.smoke_dir else []
-    mar = locate_mar(args.mar, args.model_store)
+    mar = locate_mar(args.mar, args.model_store)  # its file name is what every replica's store must hold
     try:
         name, version = read_manifest(mar)
     except Refused as e:
-        raise Refused(f"rollout: {e}; nothing was changed on the server") from None
-    versions = client.versions(name)
-    old = client.default_version(name) if versions else None
-    others = [] if versions or args.new_model else client.model_names()
-    if others:  # a typo'd or foreign name would add a model, and clients without --model then fail
-        raise Refused(f"rollout: {mar.name} is model {name}, which the server does not serve (it serves "
-                      f"{', '.join(others)}); a rollout replaces a served model's version: rebuild the "
-                      f"archive with the served name, or pass --new-model to add {name} beside them "
-                      f"(nothing changed)")
-    if any(v["modelVersion"] == version for v in versions):
-        raise Refused(f"rollout: {name} version {version} is already registered; archive the new model "
-                      f"under a new version (nothing changed)")
-    old_entry = next((v for v in versions if v["modelVersion"] == old), None)
-    workers = args.workers or (old_entry or {}).get("minWorkers") or None  # the capacity it replaces
-    baseline = None
-    if old and images and all(label for _, _, label in images):  # class folders: compare
-        say(f"rollout: measuring {name} {old} on the {len(images)} smoke images")
-        baseline = old, smoke_accuracy(images, classify_smoke(client, name, old, images))
-    step = f"register {name} {version}"
+        raise Refused(f"rollout: {e}; nothing was changed on any replica") from None
+    old = check_replicas(members, name, version, args.new_model, mar.name)
+    if old and images and not labelled(images) and args.max_accuracy_drop < 1:
+        raise UserError(f"rollout: no smoke image is in a class folder, so {name} {version} cannot be "
+                        f"compared with {old} (--max-accuracy-drop {args.max_accuracy_drop:g}): lay "
+                        f"--smoke-dir out as DIR/<label>/..., or pass --max-accuracy-drop 1 (nothing changed)")
+    workers = {}
+    for m in members:  # each replica keeps the capacity it has
+        entry = next(iter(m.server.describe(name, old)), {}) if old else {}
+        workers[m.name] = args.workers or entry.get("minWorkers") or None
+    baselines: dict[str, tuple[str, float] | None] = {m.name: None for m in members}
+    if old and images and labelled(images):  # class folders: compare per replica
+        for m in members:
+            say(f"rollout: {m.name}: measuring {name} {old} on the {labelled(images)} smoke images in "
+                f"class folders")
+            baselines[m.name] = old, smoke_accuracy(images, classify_smoke(m.server, name, old, images))
+    replicas = ", ".join(m.name for m in members)
+    step, summaries = "", []
     try:
-        count = f"{workers} worker(s)" if workers else "the archive's workers"
-        say(f"rollout: {step} ({count}) while {name} {old or '(none)'} serves")
-        register(client, mar, workers, args.batch_size, args.max_batch_delay, args.log_dir)
-        summary = "no smoke set"
-        if images:
-            step = "smoke test"
-            say(f"rollout: sending {len(images)} smoke images to /predictions/{name}/{version}")
-            summary = smoke_test(client, name, version, images, args.min_accuracy, baseline,
-                                 args.max_accuracy_drop)
-        step = f"set-default {name} {version}"
-        client.call("PUT", f"/models/{name}/{version}/set-default", step)
+        for m in members:  # 1. the new version beside the old one, everywhere
+            step = f"{m.name}: register {mar.name} ({name} {version})"
+            say(f"rollout: {step} while {name} {old or '(none)'} serves")
+            try:
+                register(m.server, mar, workers[m.name], args.batch_size, args.max_batch_delay, m.log_dir)
+            except Refused as e:  # TorchServe's words for a missing or cut-short copy in its store
+                if "Failed to save model" in str(e) or "Model not found" in str(e):
+                    raise Refused(f"{e} ({m.name}'s model store must hold a complete copy of "
+                                  f"{mar.name})") from None
+                raise
+            if images:
+                step = f"{m.name}: smoke test of {name} {version}"
+                summaries.append(smoke_test(m.server, name, version, images, args.min_accuracy,
+                                            baselines[m.name], args.max_accuracy_drop))
+                say(f"rollout: {m.name}: {summaries[-1]}")
+        for m in members:  # 2. every replica passed: switch them one by one
+            step = f"{m.name}: set-default {name} {version}"
+            m.server.call("PUT", f"/models/{name}/{version}/set-default", f"set-default {name} {version}")
+            say(f"rollout: {m.name}: {name} {version} is the default")
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - whatever failed, undo, then report it
-        still = roll_back(client, name, version, old)
-        if not isinstance(e, (Refused, UserError, ServerUnavailable, requests.RequestException)):
-            say(f"rollout: {step} failed ({type(e).__name__}); rolled back: {still}")
+        say(f"rollout: failed at {step}; rolling back")
+        complete, outcome = roll_back(members, name, version, old, args)
+        if not isinstance(e, API_ERRORS):
+            say(f"rollout: after {type(e).__name__}: {outcome}")
             raise
         reason = (str(e) if isinstance(e, (Refused, UserError, ServerUnavailable))
-                  else f"{step}: {type(e).__name__}: {e}")
-        raise RolledBack(f"rollout of {name} {version} failed and was rolled back: {reason}; {still}") from None
-    say(f"rollout: {name} {version} is the default ({summary})")
+                  else f"{type(e).__name__}: {e}")
+        done = "was rolled back" if complete else "could not be fully rolled back"
+        raise RolledBack(f"rollout of {name} {version} failed at {step} and {done}: {reason}; "
+                         f"{outcome}") from None
+    smoke = f"smoke test passed on every replica ({len(images)} images)" if images else "no smoke set"
+    say(f"rollout: {name} {version} is the default on every replica ({replicas}; {smoke})")
     if old is None or args.keep_old:
+        report_end_states(members, name)
         kept = f"; {name} {old} kept" if old else ""
-        return f"rollout: {name} {old or '(none)'} -> {version}, {summary}{kept}"
-    say(f"rollout: draining and unregistering {name} {old}")
-    try:
-        unregister(client, name, old, args.drain_seconds, args.drain_timeout, args.log_dir)
-    except Refused as e:
-        raise Refused(f"rollout: {name} {version} is the default and serving, but the old version stays "
-                      f"registered: {e}") from None
-    return f"rollout: {name} {old} -> {version}, {summary}; {name} {old} unregistered"
+        return f"rollout: {name} {old or '(none)'} -> {version} on {len(members)} replica(s), {smoke}{kept}"
+    return retire(members, name, old, version, args, smoke)
 
 
-def roll_back(client: TorchServe, name: str, version: str, old: str | None) -> str:
-    """Remove the new version (if it got registered) and say what serves now."""
-    try:
-        if any(v["modelVersion"] == version for v in client.versions(name)):
-            if old and client.default_version(name) == version:  # only if set-default went through
-                client.call("PUT", f"/models/{name}/{old}/set-default", f"set-default {name} {old}")
-            client.call("DELETE", f"/models/{name}/{version}", f"unregister {name} {version}")
-        default = client.default_version(name)
-    except (Refused, UserError, ServerUnavailable, requests.RequestException) as e:
-        return f"the rollback itself failed ({e}): check with manage.py describe {name}"
-    return f"{name} {default} is still the default" if default else f"{name} is not registered"
+def retire(members: list[Member], name: str, old: str, version: str, args: argparse.Namespace,
+           smoke: str) -> str:
+    """Drain and unregister the old version on every replica at once (each drain is only a wait)."""
+    say(f"rollout: draining and unregistering {name} {old} on every replica")
 
+    def one(m: Member) -> str | None:
+        try:
+            unregister(m.server, name, old, args.drain_seconds, args.drain_timeout, m.log_dir,
+                       label=f"{m.name}: ")
+            say(f"rollout: {m.name}: {name} {old} unregistered")
+            return None
+        except API_ERRORS as e:
+            return f"{m.name}: {e}"
 
-def say(message: str) -> None:
-    """A progress line on stdout, flushed so that callers see each step as it happens."""
-    print(message, flush=True)
+    with ThreadPoolExecutor(len(members)) as pool:
+        failures = [f for f in pool.map(one, members) if f]
+    report_end_states(members, name)
+    if failures:  # the new version serves everywhere; only the old one lingers where its drain failed
+        raise Refused(f"rollout: {name} {version} is the default and serving on every replica, but "
+                      f"{name} {old} stays registered on {len(failures)} of them: {'; '.join(failures)}")
+    return (f"rollout: {name} {old} -> {version} on {len(members)} replica(s), {smoke}; "
+            f"{name} {old} unregistered")

@@ -12,14 +12,13 @@ and that they were classified by one model:
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 from pathlib import Path
 
-from core.errors import UserError, run_main
 from client.results import FIELDS, RowWriter, read_rows
-from core.files import DEFAULT_EXTENSIONS, iter_files
+from core.errors import UserError, run_main
+from core.files import DEFAULT_EXTENSIONS, iter_files, parse_extensions
 
 SHOWN = 5  # paths named in an error line; the rest are counted
 
@@ -27,7 +26,8 @@ SHOWN = 5  # paths named in an error line; the rest are counted
 def parse_shard(text: str) -> tuple[int, int]:
     """'K/N' -> (K, N) with 0 <= K < N; UserError otherwise."""
     k, sep, n = text.partition("/")
-    if not sep or not k.strip().isdigit() or not n.strip().isdigit():
+    if not sep or not (k.strip().isascii() and k.strip().isdigit()) or not (n.strip().isascii()
+                                                                           and n.strip().isdigit()):
         raise UserError(f"--shard must be K/N with whole numbers, K counted from 0 (e.g. 0/4), not '{text}'")
     k_, n_ = int(k), int(n)
     if n_ < 1 or k_ >= n_:
@@ -45,19 +45,6 @@ def shard_of(rel: str, shards: int) -> int:
 def _named(paths: list[str]) -> str:
     shown = ", ".join(paths[:SHOWN])
     return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
-
-
-def _numbered_rows(path: Path):
-    """(line, row) of a shard output; the line only for CSV, the one format whose text is parsed again."""
-    if path.suffix.lower() != ".csv":
-        yield from ((None, row) for row in read_rows(path))
-        return
-    with open(path, encoding="utf-8", newline="", errors="surrogateescape") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            if None in row.values() or None in row:  # short or overlong: cut by a kill, as read_rows
-                continue
-            yield reader.line_num, row
 
 
 def _typed(row: dict, where: str) -> dict:
@@ -97,28 +84,33 @@ def _check_shards(inputs: list[Path], shards_in: dict[Path, set[int]], shards: i
 
 def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
                  extensions: set[str] | None = None, recursive: bool = True,
-                 shards: int | None = None) -> tuple[int, int, list[int]]:
+                 shards: int | None = None, skip_unreadable: bool = False,
+                 allow_mixed_versions: bool = False) -> tuple[int, int, list[int], dict[str, int]]:
     """Check the shards cover each file once (every file under `root`, every shard of `shards`
     when given) with one model; write them merged.
 
-    Returns (files, failed, the shards of no rows). UserError naming duplicates, missing or foreign
-    files, missing or mixed shards, or two models; nothing is written then.
+    Returns (files, failed, the shards of no rows, rows per model version). UserError naming an
+    unreadable line (unless skip_unreadable), duplicates, missing or foreign files, missing or mixed
+    shards, two models, or two versions (unless allow_mixed_versions); nothing is written then.
     """
     rows: dict[str, dict] = {}
     where: dict[str, list[str]] = {}
     shards_in: dict[Path, set[int]] = {}
     models: dict[str, list[str]] = {}
+    versions: dict[str, list[str]] = {}
     for path in inputs:
         if not path.is_file():
             raise UserError(f"shard output not found: {path}")
         if path.resolve() == output.resolve():
             raise UserError(f"the merged output {output} is also an input: name another file")
         shards_in[path] = set()
-        for line, row in _numbered_rows(path):
+        for line, row in read_rows(path, strict=not skip_unreadable):
             rel = row.get("path")
             if not isinstance(rel, str) or not rel:
-                continue
-            typed = _typed(row, f"{path}, line {line}" if line else str(path))
+                if skip_unreadable:
+                    continue
+                raise UserError(f"{path}:{line}: a row without a path")
+            typed = _typed(row, f"{path}:{line}")
             where.setdefault(rel, []).append(path.name)
             rows.setdefault(rel, typed)
             if shards:
@@ -127,9 +119,15 @@ def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
                 names = models.setdefault(str(typed["model"]), [])
                 if str(path) not in names:
                     names.append(str(path))
+            if typed.get("model_version") is not None and rel in rows and rows[rel] is typed:
+                versions.setdefault(str(typed["model_version"]), []).append(path.name)
     if len(models) > 1:
         raise UserError("rows of more than one model: " + "; ".join(
             f"{model} ({_named(names)})" for model, names in sorted(models.items())))
+    if len(versions) > 1 and not allow_mixed_versions:
+        raise UserError("rows of more than one model version: " + "; ".join(
+            f"{v}: {len(names)} rows ({_named(sorted(set(names)))})" for v, names in sorted(versions.items()))
+            + "; pass --allow-mixed-versions to merge them")
     duplicates = sorted(rel for rel, names in where.items() if len(names) > 1)
     if duplicates:
         raise UserError(f"{len(duplicates)} files have more than one row: " + _named(
@@ -140,7 +138,7 @@ def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
             raise UserError(f"not a folder: {root}")
         skip = frozenset({output, *inputs})
         expected = {p.relative_to(root).as_posix()
-                    for p in iter_files(root, extensions or _extensions(DEFAULT_EXTENSIONS), recursive, skip)}
+                    for p in iter_files(root, extensions or parse_extensions(DEFAULT_EXTENSIONS), recursive, skip)}
         missing = sorted(expected - rows.keys())
         if missing:
             raise UserError(f"{len(missing)} files under {root} are in no shard output: {_named(missing)}")
@@ -156,11 +154,8 @@ def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
             writer.write(rows[rel])
     finally:
         writer.close()
-    return len(rows), sum(row.get("status") != "ok" for row in rows.values()), empty
-
-
-def _extensions(text: str) -> set[str]:
-    return {("." + e.strip().lstrip(".")).lower() for e in text.split(",") if e.strip()}
+    return (len(rows), sum(row.get("status") != "ok" for row in rows.values()), empty,
+            {v: len(names) for v, names in sorted(versions.items())})
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -179,6 +174,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="with --dir: the extensions the runs used (default: %(default)s)")
     parser.add_argument("--no-recursive", action="store_true",
                         help="with --dir: the runs used --no-recursive")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="skip lines that cannot be read (cut short, not rows) instead of refusing; "
+                             "with --dir or --shards their files then show as missing")
+    parser.add_argument("--allow-mixed-versions", action="store_true",
+                        help="merge rows of different model versions (a rollout during the runs)")
     return parser
 
 
@@ -189,17 +189,19 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"output folder not found: {output.parent}")
     if args.shards is not None and args.shards < 1:
         raise UserError(f"--shards must be at least 1, not {args.shards}")
-    files, failed, empty = merge_shards([Path(p) for p in args.inputs], output,
-                                        Path(args.dir) if args.dir else None, _extensions(args.extensions),
-                                        not args.no_recursive, args.shards)
+    files, failed, empty, versions = merge_shards(
+        [Path(p) for p in args.inputs], output, Path(args.dir) if args.dir else None,
+        parse_extensions(args.extensions), not args.no_recursive, args.shards, args.skip_unreadable,
+        args.allow_mixed_versions)
     covered = [f"every file under {args.dir} exactly once"] if args.dir else ["no file twice"]
     if args.shards:
         covered.append(f"each of {args.shards} shards once"
                        + (f", shards {', '.join(map(str, empty))} with no files" if empty else ""))
     if not args.dir and not args.shards:
         covered.append("completeness NOT checked: give --dir DIR or --shards N")
+    merged = ", ".join(f"{v}: {n}" for v, n in versions.items()) or "none named"
     print(f"merge_shards: {len(args.inputs)} outputs, {files} files ({'; '.join(covered)}), "
-          f"ok {files - failed}, failed {failed} -> {output}")
+          f"ok {files - failed}, failed {failed}, model versions {merged} -> {output}")
     return 1 if failed else 0
 
 
