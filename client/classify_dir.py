@@ -34,7 +34,7 @@ from client.fleet import replicas_from_args
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
 from client.sending import Classifier, Retry, RunCheck, resolve_model
 from client.shards import parse_shard, shard_of
-from core.errors import EXIT_FAILED, EXIT_OK, ServerUnavailable, UserError, run_main
+from core.errors import EXIT_FAILED, EXIT_OK, Refused, ServerUnavailable, UserError, run_main
 from core.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, parse_extensions, true_label_of
 from core.torchserve import add_server_flags
 
@@ -130,7 +130,8 @@ def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) 
     healthy = [s for s in states if s.healthy]
     default = None
     if args.version is None and not args.allow_mixed_versions:
-        versions = {s.replica.name: s.server.default_version(model) for s in healthy}
+        versions = {s.replica.name: _default_version(s, model) for s in healthy}
+        versions = {name: v for name, v in versions.items() if v != "?"}
         if len(set(versions.values())) > 1:
             named = "; ".join(f"{name}: {v or 'not registered'}" for name, v in versions.items())
             raise UserError(f"the replicas serve different default versions of '{model}' ({named}); pass "
@@ -138,7 +139,13 @@ def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) 
         default = next(iter(versions.values()), None)
     settings = None
     if args.preprocess != "server":
-        found = {s.replica.name: pixels.fetch_settings(s.server, model, args.version) for s in healthy}
+        found = {}
+        for s in healthy:
+            try:
+                found[s.replica.name] = pixels.fetch_settings(s.server, model, args.version)
+            except (Refused, ServerUnavailable) as e:  # a passing failure must not block the run: said
+                logging.getLogger("classify_dir").warning("preprocessing settings of replica %s not compared: "
+                                                          "%s", s.replica.name, e)
         distinct = list(dict.fromkeys(found.values()))
         if len(distinct) > 1:
             (a, sa), (b, sb) = [next((n, v) for n, v in found.items() if v == d) for d in distinct[:2]]
@@ -147,6 +154,15 @@ def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) 
                             f"--preprocess server")
         settings = distinct[0] if distinct else None
     return RunCheck(model, args.version, default, settings)
+
+
+def _default_version(state: ReplicaState, model: str) -> str | None:
+    """The replica's default version of `model`; "?" when its management API cannot be read."""
+    try:
+        return state.server.default_version(model)
+    except (ServerUnavailable, Refused) as e:
+        logging.getLogger("classify_dir").warning("%s: default version not read (%s)", state.replica.name, e)
+        return "?"
 
 
 def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:

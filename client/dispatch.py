@@ -230,8 +230,6 @@ class Dispatcher:
                         state.sender.abort.clear()
                         state.healthy, state.server_errors = True, 0
                         self.changed.notify_all()
-                    elif why is not None:
-                        state.why = " ".join(why.split())
 
     def summary(self, elapsed: float) -> list[str]:
         """One line per replica: files, images/s, errors, and how often it was taken out (why)."""

@@ -177,7 +177,12 @@ class RunCheck:
         """Why `server` may not take the run's files (None: it may); `ready`: a READY worker is needed,
         not only a worker (at the start a worker still loading is fine)."""
         try:
-            found = version_workers(server, self.model, self.version)
+            description = server.describe(self.model, self.version)
+        except (ServerUnavailable, Refused) as e:  # the management API is optional: said, not fatal
+            logger.warning("%s: model %s not checked with the management API (%s)", server.url, self.model, e)
+            return None
+        try:
+            found = version_workers(server, self.model, self.version) if description else None
             if found is None:
                 return (f"model '{self.model}'" + (f" version {self.version}" if self.version else "")
                         + f" is not registered on {server.management_url}")

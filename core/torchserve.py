@@ -235,7 +235,7 @@ def ping(inference_url: str, keys: Keys | None = None, timeout: float = 2.0,
         response = request_with_key(session, "GET", f"{inference_url}/ping", keys, "inference",
                                     timeout=timeout)
     except requests.RequestException as e:
-        return f"no answer on {inference_url}/ping ({type(e).__name__})"
+        return f"unreachable: no answer on {inference_url}/ping ({type(e).__name__})"
     finally:
         if own:
             session.close()

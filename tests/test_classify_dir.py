@@ -126,13 +126,13 @@ def test_usage_errors_exit_2_without_traceback(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_unreachable_server_exits_2(tmp_path):
+def test_unreachable_server_exits_3_worth_retrying(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     port = free_ports(1)[0]
     result = subprocess.run([str(PYTHON), str(CLIENT), str(tmp_path), "--url", f"http://127.0.0.1:{port}",
                              "--retries", "1", "--output", str(tmp_path / "out.jsonl")],
                             capture_output=True, text=True, timeout=30, cwd=tmp_path)
-    assert result.returncode == 2 and "unreachable" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 3 and "unreachable" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---- against the session's TorchServe ----

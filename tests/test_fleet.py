@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from client import fleet, shards
+from client.dispatch import Dispatcher, ReplicaState
+from client.pixels import send_file
+from client.sending import Answer, Retry
 from core.errors import ServerUnavailable, UserError
 from tests.conftest import (
     MODEL,
@@ -212,61 +215,77 @@ def test_merge_of_jsonl_and_csv_shards_writes_every_row_once_typed_and_exit_1_on
     assert "3 files" in done.stdout and "failed 1" in done.stdout
 
 
-# ---- the balancer, with fake replicas ----
+# ---- the dispatcher, with fake replicas (a fake is the only way to make a replica answer 500 to
+# everything, or hang, on cue; the real fleet below shows the rest) ----
 
 class FakeSender:
-    """A replica's classifier: answers after `delay`, or raises ServerUnavailable while `down`."""
+    """A replica's classifier: answers `status` after `delay`, or raises ServerUnavailable while `down`."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, status: int = 200, reason: str | None = None):
         self.abort = threading.Event()
-        self.delay, self.down, self.calls = delay, False, 0
+        self.delay, self.down, self.calls, self.status, self.reason = delay, False, 0, status, reason
 
-    def classify(self, path, rel):
+    def send(self, body, content_type, row):
         self.calls += 1
         time.sleep(self.delay)
         if self.down:
             raise ServerUnavailable("server unreachable")
-        return {"path": rel, "status": "ok"}, None
+        if self.reason:  # no answer at all: "timeout" or "connection"
+            return Answer(None, self.reason, error=f"no answer ({self.reason})")
+        if self.status == 200:
+            return Answer({**row, "status": "ok"}, None, 200)
+        return Answer({**row, "status": "error", "error": "Worker died"}, f"http {self.status}", self.status)
+
+    def check_workers_after_503(self):
+        pass
 
 
-def fake_fleet(senders: list[FakeSender], probe, per_replica: int = 2,
-               grace: float = 30.0) -> fleet.FleetSender:
+def fake_fleet(senders: list[FakeSender], probe, per_replica: int = 2, grace: float = 30.0,
+               retry: Retry | None = None) -> Dispatcher:
     states = []
     for i, sender in enumerate(senders):
         url = f"http://127.0.0.1:{9100 + 2 * i}"
-        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url), None)
-        states.append(fleet.ReplicaState(replica, replica.api(), sender))
-    return fleet.FleetSender(states, per_replica, probe_interval=0.05, grace=grace, probe=probe)
+        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url))
+        states.append(ReplicaState(replica, replica.api(), sender))
+    return Dispatcher(states, per_replica, retry or Retry(backoff=0.01), prepare=send_file, max_bytes=1 << 20,
+                      model="m", admit=probe, probe_interval=0.05, grace=grace)
 
 
-def test_fleet_sender_moves_files_off_a_failed_replica_and_probes_it_back_in():
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "x.png"
+    path.write_bytes(b"\x89PNG fake")
+    return path
+
+
+def test_dispatcher_moves_files_off_a_failed_replica_and_probes_it_back_in(image):
     senders = [FakeSender(), FakeSender()]
     senders[1].down = True
     up = threading.Event()
     sender = fake_fleet(senders, probe=lambda s: None if up.is_set() else "down")
-    rows = [sender.classify(Path("x"), f"{i}.png")[0] for i in range(6)]
+    rows = [sender.classify(image, f"{i}.png")[0] for i in range(6)]
     assert {r["replica"] for r in rows} == {"r0"} and sender.states[1].taken_out == 1
     senders[1].down = False
     up.set()
     assert wait_for(lambda: sender.states[1].healthy, 5)
-    rows = [sender.classify(Path("x"), f"{i}.png")[0] for i in range(4)]
+    rows = [sender.classify(image, f"{i}.png")[0] for i in range(4)]
     assert "r1" in {r["replica"] for r in rows}  # back in: ties go to the replica that was sent least
-    sender.abort.set()
+    sender.close()
 
 
-def test_fleet_sender_stops_with_the_reasons_when_every_replica_stays_out():
+def test_dispatcher_stops_with_the_reasons_when_every_replica_stays_out(image):
     senders = [FakeSender(), FakeSender()]
     senders[0].down = senders[1].down = True
     sender = fake_fleet(senders, probe=lambda s: "no answer", grace=0.3)
-    with pytest.raises(ServerUnavailable, match=r"no replica of the fleet answered .*r0: server unreachable"):
-        sender.classify(Path("x"), "a.png")
-    sender.abort.set()
+    with pytest.raises(ServerUnavailable, match=r"no replica answered .*r0: server unreachable"):
+        sender.classify(image, "a.png")
+    sender.close()
 
 
-def test_fleet_sender_prefers_the_replica_with_fewest_in_flight():
+def test_dispatcher_prefers_the_replica_with_fewest_in_flight(image):
     senders = [FakeSender(delay=0.3), FakeSender(delay=0.01)]
     sender = fake_fleet(senders, probe=lambda s: None, per_replica=4)
-    threads = [threading.Thread(target=sender.classify, args=(Path("x"), f"{i}.png")) for i in range(40)]
+    threads = [threading.Thread(target=sender.classify, args=(image, f"{i}.png")) for i in range(40)]
     for t in threads:
         t.start()
         time.sleep(0.005)
@@ -274,7 +293,48 @@ def test_fleet_sender_prefers_the_replica_with_fewest_in_flight():
         t.join()
     # the slow replica holds its requests 30x longer, so the fast one answers most files
     assert senders[1].calls > 2 * senders[0].calls, (senders[0].calls, senders[1].calls)
-    sender.abort.set()
+    sender.close()
+
+
+def test_a_replica_answering_500_to_everything_is_taken_out_and_its_files_answered_elsewhere(image):
+    senders = [FakeSender(status=500), FakeSender(delay=0.01)]
+    sender = fake_fleet(senders, probe=lambda s: None if s.replica.name == "r1" else "still failing",
+                        per_replica=4)
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(sender.classify(image, f"{i}.png")))
+               for i in range(60)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 60 and all(row["status"] == "ok" and row["replica"] == "r1" for row, _ in results)
+    bad = sender.states[0]
+    assert not bad.healthy and bad.taken_out == 1 and "server errors in a row" in bad.why, bad
+    assert senders[0].calls <= Retry().take_out_after + 4  # the ones in flight when it was taken out
+    sender.close()
+
+
+def test_a_500_answered_by_every_replica_is_the_images_error_and_a_400_is_not_retried(image):
+    senders = [FakeSender(status=500), FakeSender(status=500)]
+    sender = fake_fleet(senders, probe=lambda s: None)
+    row, reason = sender.classify(image, "a.png")
+    assert row["status"] == "error" and reason == "http 500" and senders[0].calls + senders[1].calls == 2
+    senders = [FakeSender(status=400), FakeSender(status=400)]
+    sender2 = fake_fleet(senders, probe=lambda s: None)
+    row, reason = sender2.classify(image, "a.png")
+    assert reason == "http 400" and senders[0].calls + senders[1].calls == 1
+    assert all(s.healthy for s in sender2.states)  # a bad image is not the replica's fault
+    sender.close()
+    sender2.close()
+
+
+def test_a_replica_that_hangs_is_taken_out_at_its_first_timeout(image):
+    senders = [FakeSender(reason="timeout"), FakeSender()]
+    sender = fake_fleet(senders, probe=lambda s: "hanging" if s.replica.name == "r0" else None)
+    rows = [sender.classify(image, f"{i}.png")[0] for i in range(5)]
+    assert all(r["status"] == "ok" and r["replica"] == "r1" for r in rows)
+    assert senders[0].calls == 1 and not sender.states[0].healthy  # one timeout, not (retries + 1)
+    sender.close()
 
 
 # ---- the command line, no server ----
@@ -284,6 +344,8 @@ def test_classify_dir_with_a_bad_fleet_file_or_shard_exits_2_with_one_line(tmp_p
     bad = write_fleet(tmp_path / "fleet.yaml", "replicas:\n  - name: a\n")
     for extra, needle in ((["--fleet", str(bad)], "fleet.yaml: replica 'a' (replicas[0]): inference_url"),
                           (["--fleet", str(bad), "--url", "http://127.0.0.1:1"],
+                           "--fleet names each replica"),
+                          (["--fleet", str(bad), "--url", "http://127.0.0.1:8080"],  # the old default too
                            "--fleet names each replica"),
                           (["--shard", "3/3"], "--shard 3/3: K must be 0..N-1")):
         done = subprocess.run([str(PYTHON), str(CLIENT), str(tmp_path / "images"), "--output",
@@ -323,8 +385,9 @@ def test_single_url_rows_name_the_replica_as_host_and_port(fleet3, tmp_path):
                            servers[0].inference_url, "--token-file", str(servers[0].key_file), "--output",
                            str(output)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert {r["replica"] for r in rows_of(output)} == {servers[0].inference_url.removeprefix("http://")}
-    assert "replica " not in done.stdout  # the per-replica lines are for fleets
+    host_port = servers[0].inference_url.removeprefix("http://")
+    assert {r["replica"] for r in rows_of(output)} == {host_port}
+    assert f"replica {host_port}: files 6," in done.stdout  # a fleet of one, summarised like any fleet
 
 
 def test_three_shards_cover_every_file_once_with_one_shard_killed_and_resumed(fleet3, tmp_path):
@@ -452,53 +515,45 @@ def cut_answer_server():
 
 
 def test_classifier_counts_an_answer_cut_midway_as_a_connection_failure(tmp_path):
-    from client.sending import Classifier, VersionTracker
+    from client.sending import Classifier
     from core.torchserve import Keys, TorchServe
 
     listener, url = cut_answer_server()
-    image = tmp_path / "x.png"
-    image.write_bytes(b"\x89PNG....")
     server = TorchServe(url, url, Keys(keys={}))
-    classifier = Classifier(server, "m", "1.0", VersionTracker(server, "m", "1.0"), topk=1, retries=0,
-                            timeout=5)
-    # not a ChunkedEncodingError traceback: the server is unusable, so a fleet takes it out
-    with pytest.raises(ServerUnavailable, match="server unreachable"):
-        classifier.classify(image, "x.png")
+    classifier = Classifier(server, "m", "1.0", topk=1, timeout=5)
+    # not a ChunkedEncodingError traceback: no answer, so the dispatcher takes the replica out
+    answer = classifier.send(b"\x89PNG....", "application/octet-stream", {"path": "x.png"})
+    assert answer.row is None and answer.reason == "connection", answer
     listener.close()
 
 
-def test_classify_dir_stops_with_exit_2_and_rows_kept_on_an_unexpected_sender_error(tmp_path, monkeypatch):
+def test_classify_dir_stops_with_exit_3_and_rows_kept_on_an_unexpected_sender_error(tmp_path, monkeypatch):
     from client import classify_dir
 
-    class Boom:
-        calls: list[str] = []
+    calls: list[str] = []
 
-        def __init__(self, *args, **kwargs):
-            self.abort = threading.Event()
-
-        def classify(self, path, rel):
-            Boom.calls.append(rel)
-            if len(Boom.calls) == 2:
+    class Boom(FakeSender):
+        def send(self, body, content_type, row):
+            calls.append(row["path"])
+            if len(calls) == 2:
                 raise RuntimeError("a bug")
-            return {"path": rel, "model": "m", "status": "ok"}, None
+            return super().send(body, content_type, row)
 
     write_images(tmp_path / "images", 3)
-    monkeypatch.setattr(classify_dir, "wait_for_server", lambda server, retries: None)
-    monkeypatch.setattr(classify_dir, "resolve_model", lambda args, server: "m")
-    monkeypatch.setattr(classify_dir, "check_workers", lambda server, model, version: None)
-    monkeypatch.setattr(classify_dir, "Classifier", Boom)
+    dispatcher = fake_fleet([Boom()], probe=lambda s: None, per_replica=1)
+    monkeypatch.setattr(classify_dir, "connect", lambda args: (dispatcher, "m", "server", None))
     output = tmp_path / "out.jsonl"
     args = classify_dir.get_args_parser().parse_args([str(tmp_path / "images"), "--output", str(output),
                                                       "--concurrency", "1", "--preprocess", "server"])
     with pytest.raises(ServerUnavailable) as caught:
         classify_dir.main(args)
     message = str(caught.value)
-    assert "\n" not in message and "unexpected RuntimeError" in message and Boom.calls[1] in message, message
+    assert "\n" not in message and "unexpected RuntimeError" in message and calls[1] in message, message
     assert "1 rows kept" in message
-    assert [r["path"] for r in rows_of(output)] == Boom.calls[:1]
+    assert [r["path"] for r in rows_of(output)] == calls[:1]
 
 
-def test_fleet_sender_stops_when_replicas_answer_ping_but_every_request_fails():
+def test_dispatcher_stops_when_replicas_answer_ping_but_every_request_fails(image):
     senders = [FakeSender(), FakeSender()]
     senders[0].down = senders[1].down = True  # e.g. the model unregistered: /ping still Healthy
     sender = fake_fleet(senders, probe=lambda s: None, grace=0.3)
@@ -506,64 +561,49 @@ def test_fleet_sender_stops_when_replicas_answer_ping_but_every_request_fails():
 
     def run():
         try:
-            outcome["result"] = sender.classify(Path("x"), "a.png")
+            outcome["result"] = sender.classify(image, "a.png")
         except ServerUnavailable as e:
             outcome["error"] = str(e)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(60)  # a livelock never returns; the grace is 0.3s
-    sender.abort.set()
-    assert not thread.is_alive() and "no replica of the fleet answered" in outcome.get("error", ""), outcome
+    sender.close()
+    assert not thread.is_alive() and "no replica answered" in outcome.get("error", ""), outcome
 
 
-def test_start_fleet_probe_keeps_out_a_replica_that_pings_but_cannot_serve_the_model():
-    http = FakeHTTP({"/ping": HEALTHY})
-    replica = fleet.Replica("r0", http.url, http.url, None)
-    states = [fleet.ReplicaState(replica, replica.api(timeout=5))]
-    serving = {"ok": True}
-
-    def ready(server):
-        if not serving["ok"]:
-            raise ServerUnavailable("model 'm' version 2.0 is not registered")
-
-    sender = fleet.start_fleet(states, 2, lambda server: FakeSender(), lambda server: None, "fleet.yaml",
-                               ready=ready)
-    serving["ok"] = False
-    assert sender.probe(states[0]) == "model 'm' version 2.0 is not registered"
-    serving["ok"] = True
-    assert sender.probe(states[0]) is None
-    sender.abort.set()
-    http.close()
-
-
-def test_check_ready_refuses_an_unregistered_version_and_one_without_a_ready_worker():
-    from client.sending import check_ready
+def test_run_check_refuses_an_unregistered_version_no_ready_worker_another_version_or_preprocessing():
+    from client.sending import RunCheck
     from core.torchserve import Keys, TorchServe
 
     http = FakeHTTP({"/models/m/1.0": (200, b'[{"modelVersion": "1.0", "workers": [{"status": "UNLOADING"}]}]'),
-                     "/models/m/3.0": (200, b'[{"modelVersion": "3.0", "workers": [{"status": "READY"}]}]')})
+                     "/models/m/3.0": (200, b'[{"modelVersion": "3.0", "workers": [{"status": "READY"}]}]'),
+                     "/models/m": (200, b'[{"modelVersion": "3.0", "workers": [{"status": "READY"}]}]')})
     server = TorchServe(http.url, http.url, Keys(keys={}), timeout=5)
-    with pytest.raises(ServerUnavailable, match="version 1.0 has no READY worker"):
-        check_ready(server, "m", "1.0")
-    with pytest.raises(ServerUnavailable, match="version 2.0 is not registered"):
-        check_ready(server, "m", "2.0")
-    check_ready(server, "m", "3.0")
+    assert "version 1.0 has no READY worker" in RunCheck("m", "1.0").problem(server, ready=True)
+    assert RunCheck("m", "1.0").problem(server, ready=False) is None  # at the start, a worker is enough
+    assert "version 2.0 is not registered" in RunCheck("m", "2.0").problem(server, ready=True)
+    assert RunCheck("m", "3.0").problem(server, ready=True) is None
+    # a replica that comes back serving another default version stays out (17: the late joiner)
+    assert "not the run's 1.0" in RunCheck("m", None, default_version="1.0").problem(server, ready=True)
+    assert RunCheck("m", None, default_version="3.0").problem(server, ready=True) is None
     http.close()
 
 
 def test_fleet_replica_without_key_file_sends_no_local_key_and_asks_no_token(tmp_path, monkeypatch):
     from core import torchserve
+    from core.errors import KeyRefused
 
     local = tmp_path / "key_file.json"
     local.write_text(json.dumps({k: {"key": f"local-{k}"} for k in ("inference", "management", "API")}))
     monkeypatch.setattr(torchserve, "DEFAULT_KEY_FILE", local)
     http = FakeHTTP({"/ping": (400, b'{"code": 400, "type": "InvalidKeyException", "message": "no"}'),
                      "/token": (200, b"")})
-    replica = fleet.Replica("remote", http.url, http.url, None)
+    replica = fleet.Replica("remote", http.url, http.url)
     api = replica.api(timeout=5)
     assert api.keys.get("inference") is None and api.keys.key_file is None
-    assert torchserve.ping(api.url, api.keys) is not None
+    with pytest.raises(KeyRefused):
+        api.ping()
     assert http.requests and all(auth is None for _, _, auth in http.requests), http.requests
     assert not any(path.startswith("/token") for _, path, _ in http.requests), http.requests
     http.close()
@@ -586,7 +626,7 @@ def test_ping_answering_json_that_is_not_an_object_gives_a_reason(body):
     http.close()
 
 
-def test_fleet_probe_thread_survives_a_probe_that_raises():
+def test_fleet_probe_thread_survives_a_probe_that_raises(image):
     senders = [FakeSender(), FakeSender()]
     senders[1].down = True
     calls = []
@@ -598,27 +638,49 @@ def test_fleet_probe_thread_survives_a_probe_that_raises():
         return None
 
     sender = fake_fleet(senders, probe=probe)
-    sender.classify(Path("x"), "a.png")
-    sender.classify(Path("x"), "b.png")  # r1 is tried (fewest sent), fails, is taken out
+    sender.classify(image, "a.png")
+    sender.classify(image, "b.png")  # r1 is tried (fewest sent), fails, is taken out
     senders[1].down = False
     assert wait_for(lambda: sender.states[1].healthy, 30), (calls, sender.states[1])
     assert len(calls) >= 3 and sender._prober.is_alive()
-    sender.abort.set()
+    sender.close()
+    assert not sender._prober.is_alive()  # a finished run leaves no probe thread behind
 
 
 def test_fleet_with_replicas_preprocessing_differently_refuses_to_start(monkeypatch):
+    import argparse
+
     from client import classify_dir, pixels
 
     states = []
     for i in range(3):
         url = f"http://127.0.0.1:{9200 + 2 * i}"
-        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url), None)
-        states.append(fleet.ReplicaState(replica, replica.api()))
+        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url))
+        states.append(ReplicaState(replica, replica.api()))
     settings = {states[0].server: "size 224", states[1].server: "size 224", states[2].server: "size 256"}
     monkeypatch.setattr(pixels, "fetch_settings", lambda server, model, version: settings[server])
+    args = argparse.Namespace(version=None, allow_mixed_versions=True, preprocess="client")
     with pytest.raises(UserError) as caught:
-        classify_dir.check_same_settings(states, "m", None)
+        classify_dir.run_check(args, states, "m")
     message = str(caught.value)
     assert "r0" in message and "r2" in message and "size 224" in message and "size 256" in message, message
     states[2].healthy = False  # a replica that is out is not compared
-    classify_dir.check_same_settings(states, "m", None)
+    assert classify_dir.run_check(args, states, "m").settings == "size 224"
+
+
+def test_fleet_with_replicas_on_different_default_versions_refuses_to_start(monkeypatch):
+    import argparse
+
+    from client import classify_dir
+
+    states = []
+    for i, version in enumerate(("1.0", "3.0")):
+        url = f"http://127.0.0.1:{9300 + 2 * i}"
+        replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url))
+        states.append(ReplicaState(replica, replica.api()))
+        monkeypatch.setattr(states[-1].server, "default_version", lambda model, v=version: v)
+    args = argparse.Namespace(version=None, allow_mixed_versions=False, preprocess="server")
+    with pytest.raises(UserError, match=r"different default versions of 'm' \(r0: 1.0; r1: 3.0\)"):
+        classify_dir.run_check(args, states, "m")
+    args.allow_mixed_versions = True
+    assert classify_dir.run_check(args, states, "m").default_version is None

@@ -12,13 +12,11 @@ import pytest
 import requests
 from PIL import Image
 
-from client import fleet_rollout as fleet_rollout_module
 from client import rollout
+from client.manage import get_args_parser
+from client.versions import Member, register
 from core import torchserve
 from core.errors import Refused, RolledBack, UserError
-from client.fleet_rollout import fleet_rollout, parse_log_dirs
-from client.manage import get_args_parser
-from client.rollout import register
 from core.torchserve import TorchServe
 from tests.conftest import COLORS, LABELS, PYTHON, archive, make_server, running_fleet, wait_for, write_images
 from tests.test_manage import MANAGE, THROTTLE, clone_mar
@@ -123,8 +121,7 @@ def test_fleet_usage_errors_exit_2_in_one_line(tmp_path):
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text("replicas:\n  - name: a\n    inference_url: http://127.0.0.1:1\n    color: red\n")
     cases = {  # argv -> what the one error line says
-        ("list", "--url", "http://127.0.0.1:1"): "--fleet replaces --url, --management-url and --token-file",
-        ("set-default", "m", "1"): "--fleet works with list, describe and rollout; set-default acts on one",
+        ("list", "--url", "http://127.0.0.1:1"): "--fleet names each replica's URLs and credentials: drop --url",
         ("list",): f"{fleet_file}: replica 'a' (replicas[0]): unknown key(s) ['color']",
         ("rollout", "x.mar", "--log-dir", str(tmp_path)): "with --fleet pass --replica-log-dir NAME=DIR",
     }
@@ -258,18 +255,18 @@ class SwitchFails(TorchServe):
 def test_a_failed_switch_switches_back_the_replicas_already_switched(fleet, model, capsys):
     servers, fleet_file, _ = fleet
     last = REPLICAS - 1
-    members = [(f"ts-{i}", api(srv) if i < last else SwitchFails(srv.inference_url, srv.management_url,
-                                                                  srv.keys(), timeout=300))
+    members = [Member(f"ts-{i}", api(srv) if i < last else SwitchFails(srv.inference_url, srv.management_url,
+                                                                        srv.keys(), timeout=300), srv.log_dir)
                for i, srv in enumerate(servers)]
     argv = ["rollout", "flip-2.mar", "--fleet", str(fleet_file), "--model-store", str(servers[0].store)]
     for index, srv in enumerate(servers):
         argv += ["--replica-log-dir", f"ts-{index}={srv.log_dir}"]
     args = get_args_parser().parse_args(argv)
     with pytest.raises(RolledBack) as failure:
-        fleet_rollout(members, args, parse_log_dirs(args.replica_log_dir, members))
+        rollout.rollout(members, args)
     out = capsys.readouterr().out
     assert f"failed at ts-{last}: set-default flip 2" in str(failure.value)
-    assert str(failure.value).endswith("flip 1 is the default on every replica, 2 removed everywhere")
+    assert str(failure.value).endswith("flip 1 is the default on every replica, 2 removed")
     for index in range(last):  # switched, then switched back before 2 was removed
         assert f"rollout: ts-{index}: flip 2 is the default\n" in out
         assert f"rollout: ts-{index}: flip 1 is the default again" in out
@@ -317,7 +314,7 @@ def fake_rollout_args(tmp_path: Path, smoke: Path) -> argparse.Namespace:
     return argparse.Namespace(smoke_dir=str(smoke), min_accuracy=None, mar=str(store / "m-2.0.mar"),
                               model_store=store, new_model=False, workers=None, batch_size=None,
                               max_batch_delay=None, max_accuracy_drop=1.0, keep_old=False, drain_seconds=0,
-                              drain_timeout=1, log_dir=None)
+                              drain_timeout=1, log_dir=None, rollback_deadline=1.0)
 
 
 def smoke_set(tmp_path: Path) -> Path:
@@ -334,7 +331,6 @@ def fake_register(monkeypatch):
     def register(client, mar, *args, **kwargs):
         client.registered.add("2.0")
     monkeypatch.setattr(rollout, "register", register)
-    monkeypatch.setattr(fleet_rollout_module, "register", register)
 
 
 def test_unreadable_smoke_image_is_a_user_error_before_any_replica_changes(tmp_path, monkeypatch,
@@ -348,10 +344,10 @@ def test_unreadable_smoke_image_is_a_user_error_before_any_replica_changes(tmp_p
         return real_read_bytes(path)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    members = [("ts-0", FakeServe()), ("ts-1", FakeServe())]
+    members = [Member("ts-0", FakeServe()), Member("ts-1", FakeServe())]
     with pytest.raises(UserError, match=rf"^--smoke-dir: cannot read {smoke / 'b.png'}: Permission denied$"):
-        fleet_rollout(members, fake_rollout_args(tmp_path, smoke), {})
-    assert [(c.default, c.registered) for _, c in members] == [("1.0", {"1.0"})] * 2
+        rollout.rollout(members, fake_rollout_args(tmp_path, smoke))
+    assert [(m.server.default, m.server.registered) for m in members] == [("1.0", {"1.0"})] * 2
 
 
 def test_smoke_image_vanishing_after_the_listing_changes_nothing(tmp_path, fake_register):
@@ -365,18 +361,18 @@ def test_smoke_image_vanishing_after_the_listing_changes_nothing(tmp_path, fake_
 @pytest.mark.parametrize("error", [OSError("disk gone"), RuntimeError("a bug")])
 def test_fleet_rollout_rolls_every_replica_back_on_any_exception_and_reraises_it(tmp_path, fake_register,
                                                                                  error, capsys):
-    members = [("ts-0", FakeServe(error)), ("ts-1", FakeServe(error))]
+    members = [Member("ts-0", FakeServe(error)), Member("ts-1", FakeServe(error))]
     with pytest.raises(type(error), match=str(error)):
-        fleet_rollout(members, fake_rollout_args(tmp_path, smoke_set(tmp_path)), {})
-    assert [(c.default, c.registered) for _, c in members] == [("1.0", {"1.0"})] * 2
-    assert "m 1.0 is the default on every replica, 2.0 removed everywhere" in capsys.readouterr().out
+        rollout.rollout(members, fake_rollout_args(tmp_path, smoke_set(tmp_path)))
+    assert [(m.server.default, m.server.registered) for m in members] == [("1.0", {"1.0"})] * 2
+    assert "m 1.0 is the default on every replica, 2.0 removed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("error", [OSError("disk gone"), RuntimeError("a bug")])
 def test_single_server_rollout_rolls_back_on_any_exception_and_reraises_it(tmp_path, fake_register, error,
                                                                            capsys):
-    server = FakeServe(error)
+    server = FakeServe(error)  # one server is a fleet of one: the same rollout
     with pytest.raises(type(error), match=str(error)):
-        rollout.rollout(server, fake_rollout_args(tmp_path, smoke_set(tmp_path)))
+        rollout.rollout([Member("127.0.0.1:8080", server)], fake_rollout_args(tmp_path, smoke_set(tmp_path)))
     assert (server.default, server.registered) == ("1.0", {"1.0"})
     assert "rolled back: m 1.0 is still the default" in capsys.readouterr().out

@@ -103,5 +103,5 @@ def test_csv_shard_with_malformed_topk_is_a_user_error_naming_file_and_line(tmp_
         f.write("b.png,ok,red,0.5,[{bad,,200,tiny,1.0,3,ts-0\r\n")
     done = run_merge(tmp_path / "merged.jsonl", csv_out)
     assert done.returncode == 2, done.stdout
-    assert done.stderr.strip() == f"error: {csv_out}, line 3: topk is not a JSON list: '[{{bad'"
+    assert done.stderr.strip() == f"error: {csv_out}:3: topk is not a JSON list: '[{{bad'"
     assert "Traceback" not in done.stderr
