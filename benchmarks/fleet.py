@@ -16,6 +16,7 @@ from pathlib import Path
 from benchmarks import assets
 from benchmarks.assets import SUMMARY, WORK, CpuMeter
 from benchmarks.report import load_average, machine_description
+from client.fleet import write_fleet
 from client.local_server import LocalServer
 
 MODEL = "fleetbench"
@@ -41,9 +42,8 @@ def measure_overhead(files: list[Path], store: Path, mar: str, runs: int) -> dic
     server = LocalServer(WORK / "fleet" / "ts", store, [mar], start_timeout=180)
     with server.running():
         fleet_file = WORK / "fleet" / "fleet.yaml"
-        fleet_file.write_text(f"replicas:\n  - name: ts-0\n    inference_url: {server.inference_url}\n"
-                              f"    management_url: {server.management_url}\n"
-                              f"    key_file: {server.key_file}\n", encoding="utf-8")
+        write_fleet(fleet_file, [{"name": "ts-0", "inference_url": server.inference_url,
+                                  "management_url": server.management_url, "key_file": server.key_file}])
         targets = {"--url": ["--url", server.inference_url, "--token-file", str(server.key_file)],
                    "--fleet (1 replica)": ["--fleet", str(fleet_file)]}
         out = WORK / "fleet" / "out.jsonl"

@@ -171,12 +171,13 @@ def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
     replicas, source = replicas_from_args(args)
     states = probe_replicas(replicas, args.timeout)
     model = resolve_model(args, healthy_servers(states, source))
-    check = run_check(args, states, model)
-    for state in states:
-        if state.healthy:
-            why = check.problem(state.server, ready=False)
-            state.healthy, state.why = why is None, why
-    server = healthy_servers(states, source)[0]
+    for check in (RunCheck(model, args.version), None):  # is the model there; then is it the same everywhere
+        check = check or run_check(args, states, model)
+        for state in states:
+            if state.healthy:
+                why = check.problem(state.server, ready=False)
+                state.healthy, state.why = why is None, why
+        server = healthy_servers(states, source)[0]
     mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
     for state in states:
         state.sender = Classifier(state.server, model, args.version, topk=args.topk, timeout=args.timeout)

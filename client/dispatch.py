@@ -14,7 +14,7 @@ from client.fleet import Replica
 from client.pixels import BadImage
 from client.results import error_row
 from client.sending import Answer, Classifier, Retry
-from core.errors import ServerUnavailable
+from core.errors import KeyRefused, ServerUnavailable
 from core.files import NotSent, read_image
 from core.torchserve import TorchServe
 
@@ -32,17 +32,22 @@ class ReplicaState:
     in_flight: int = 0
     sent: int = 0
     healthy: bool = True
-    why: str | None = None  # why it was last taken out
+    why: str | None = None  # why it is out now (the probe's latest reason)
+    out_why: str | None = None  # why it was last taken out
     taken_out: int = 0
     files: int = 0
     errors: int = 0
     server_errors: int = 0  # 5xx answers in a row (other than the transient ones)
+    key_refused: bool = False  # out because it refused our credentials: configuration, not availability
 
 
 def ping_state(state: ReplicaState) -> str | None:
     """/ping's answer; a refused key or an unreadable key file is a reason to stay out, not a crash."""
     try:
         return state.server.ping()
+    except KeyRefused as e:
+        state.key_refused = True
+        return str(e)
     except ServerUnavailable as e:
         return str(e)
 
@@ -61,8 +66,9 @@ def healthy_servers(states: list[ReplicaState], source: str) -> list[TorchServe]
     """The servers of the replicas that are in; ServerUnavailable naming every reason when none is."""
     servers = [s.server for s in states if s.healthy]
     if not servers:
-        raise ServerUnavailable(f"no replica of {source} answers: "
-                                + "; ".join(f"{s.replica.name}: {s.why}" for s in states))
+        kind = KeyRefused if all(s.key_refused for s in states) else ServerUnavailable
+        reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in states)
+        raise kind(f"no replica of {source} answers: {reasons}" if len(states) > 1 else str(states[0].why))
     return servers
 
 
@@ -208,6 +214,7 @@ class Dispatcher:
         """Send nothing more there and stop its retries; the probe brings it back."""
         if state.healthy:
             state.healthy, state.why = False, " ".join(why.split())
+            state.out_why = state.why
             state.taken_out += 1
             state.sender.abort.set()  # its files waiting to retry there go elsewhere
             if not any(s.healthy for s in self.states) and self._all_out_since is None:
@@ -230,13 +237,15 @@ class Dispatcher:
                         state.sender.abort.clear()
                         state.healthy, state.server_errors = True, 0
                         self.changed.notify_all()
+                    elif why is not None:
+                        state.why = " ".join(why.split())  # what keeps it out now
 
     def summary(self, elapsed: float) -> list[str]:
         """One line per replica: files, images/s, errors, and how often it was taken out (why)."""
         lines = []
         for s in self.states:
-            out = f"; taken out {s.taken_out}x, last: {s.why}" if s.taken_out else ""
-            out += "" if s.healthy else ("; out at the end" if s.taken_out else f"; never in: {s.why}")
+            out = f"; taken out {s.taken_out}x, last: {s.out_why}" if s.taken_out else ""
+            out += "" if s.healthy else (f"; out at the end: {s.why}" if s.taken_out else f"; never in: {s.why}")
             lines.append(f"replica {s.replica.name}: files {s.files}, {s.files / max(elapsed, 1e-9):.1f} "
                          f"images/s, errors {s.errors}{out}")
         return lines

@@ -208,3 +208,14 @@ def replica_log_dirs(args: argparse.Namespace, replicas: list[Replica]) -> list[
             raise UserError(f"--replica-log-dir {value}: no replica {name!r} in the fleet ({', '.join(names)})")
         dirs[name] = Path(folder).expanduser()
     return [dirs.get(name) for name in names]
+
+
+def write_fleet(path: Path, entries: list[dict[str, object]]) -> Path:
+    """Write a fleet file (PyYAML: any path or URL is quoted as it must be); entries as in the docstring."""
+    unknown = sorted({str(k) for e in entries for k in e} - ENTRY_KEYS)
+    if unknown:
+        raise ValueError(f"unknown fleet entry keys {unknown}")
+    text = yaml.safe_dump({"replicas": [{k: str(v) for k, v in e.items() if v is not None} for e in entries]},
+                          sort_keys=False, allow_unicode=True)
+    Path(path).write_text(text, encoding="utf-8")
+    return Path(path)

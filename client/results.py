@@ -79,7 +79,8 @@ def _ends_with_newline(path: Path) -> bool:
 
 def _records(path: Path) -> Iterator[tuple[int, dict | None]]:
     """(line, row or None when unreadable) of a JSONL or CSV output, in order."""
-    with open(path, encoding="utf-8", newline="", errors="surrogateescape") as f:
+    # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark, and its header is still ours
+    with open(path, encoding="utf-8-sig", newline="", errors="surrogateescape") as f:
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(f)
             try:

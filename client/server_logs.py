@@ -17,18 +17,24 @@ class LogTail:
 
     def __init__(self, path: Path, from_end: bool = True):
         self.path = path
-        self.offset = self.size() if from_end else 0
+        self.inode, size = self._stat()
+        self.offset = size if from_end else 0
+
+    def _stat(self) -> tuple[int | None, int]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None, 0
+        return st.st_ino, st.st_size
 
     def size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except OSError:
-            return 0
+        return self._stat()[1]
 
     def new_lines(self) -> Iterator[str]:
         """Lines written since the last call; a partial last line waits for the next call."""
-        if self.size() < self.offset:  # rolled over to a fresh file
-            self.offset = 0
+        inode, size = self._stat()
+        if inode != self.inode or size < self.offset:  # rotated: another file now, or one cut back
+            self.inode, self.offset = inode, 0
         try:
             with open(self.path, "rb") as log:
                 log.seek(self.offset)
@@ -55,12 +61,17 @@ def worker_failure(log: LogTail, name: str, version: str) -> str | None:
     return reason
 
 
+SERVER_START = "Torchserve version:"  # the frontend's line at each start
+
+
 class BatchWatch:
     """Which workers of NAME VERSION hold a batch, from the frontend's ts_log.log.
 
     TorchServe's WorkerThread logs "Looping backend response" once it has sent a batch to its
     worker and "Backend response time" once every answer of it is out; the management API shows
     neither (a batch a worker holds has left pendingRequests). The log is the certain signal.
+    TorchServe appends to ts_log.log across restarts and reuses worker ids: what a worker did
+    before the server's last start ("Torchserve version: ..." begins each start) is forgotten.
     """
 
     def __init__(self, log_dir: Path, name: str, version: str):
@@ -73,6 +84,9 @@ class BatchWatch:
     def busy(self, worker_ids: list[str]) -> set[str] | None:
         """The workers among `worker_ids` inside a batch; None when the log never mentions any of them."""
         for line in self.log.new_lines():
+            if line.startswith(SERVER_START):
+                self.holding.clear()
+                continue
             match = self.pattern.search(line)
             if match:
                 self.holding[match.group(1)] = match.group(2).startswith("Looping")

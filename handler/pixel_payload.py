@@ -8,6 +8,7 @@ costs a few bytes of parsing and answers 400 naming what came and what was wante
 from __future__ import annotations
 
 import io
+import tokenize
 
 import numpy as np
 
@@ -50,7 +51,9 @@ def decode(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, MAX_HEADER_BYTES)
         else:
             raise ValueError(f"unsupported .npy version {major}")
-    except (ValueError, SyntaxError, TypeError, EOFError) as e:
+    # numpy's header reader tokenizes the header: an unclosed bracket, or a length field shorter than
+    # the header, raises tokenize.TokenError, which is the client's bad payload like the others
+    except (ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError) as e:
         raise BadImage(400, f"pixel payload ({CONTENT_TYPE}) has an unreadable header: "
                             f"{' '.join(str(e).split())[:200]}") from None
     if dtype != DTYPE or tuple(shape) != want or fortran:

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from client.fleet import write_fleet
 from client.local_server import LocalServer, free_port_env
 from tests.tiny_model import make_tiny_run
 
@@ -145,10 +146,9 @@ def running_fleet(servers: list[Server], fleet_file: Path) -> Iterator[Path]:
         workers = [p.pid for s in servers if s.pid() for p in psutil.Process(s.pid()).children(recursive=True)]
         if errors:
             pytest.fail(f"a fleet server failed to start: {errors[0]}")
-        fleet_file.write_text("replicas:\n" + "".join(
-            f"  - name: ts-{i}\n    inference_url: {s.inference_url}\n"
-            f"    management_url: {s.management_url}\n    key_file: {s.key_file}\n"
-            for i, s in enumerate(servers)), encoding="utf-8")
+        write_fleet(fleet_file, [{"name": f"ts-{i}", "inference_url": s.inference_url,
+                                  "management_url": s.management_url, "key_file": s.key_file}
+                                 for i, s in enumerate(servers)])
         yield fleet_file
     finally:
         closers = [threading.Thread(target=s.close) for s in servers]

@@ -133,6 +133,18 @@ def test_payload_with_oversized_or_garbled_header_answers_400():
         assert "header" in error.message
 
 
+def test_payload_header_with_an_unclosed_bracket_or_a_short_length_field_answers_400():
+    body = pixel_payload.encode(np.zeros((8, 8, 3), np.uint8))
+    length = int.from_bytes(body[8:10], "little")
+    header = body[10:10 + length]
+    unclosed = body[:10] + header.replace(b"(8, 8, 3)", b"(8, 8, 3 ").replace(b"}", b" ") + body[10 + length:]
+    short_length = body[:8] + (20).to_bytes(2, "little") + body[10:]
+    for wrong in (unclosed, short_length):  # numpy raises tokenize.TokenError on both: not a 500
+        error = server_side(wrong)
+        assert isinstance(error, preprocessing.BadImage) and error.code == 400, error
+        assert "unreadable header" in error.message
+
+
 def test_client_decoder_failure_is_the_servers_500_wording(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("decoder bug")

@@ -1,0 +1,150 @@
+"""core/: the TorchServe API module (URLs, keys, tokens, sessions) and the files module, without a server
+(small loopback fakes where a request must be seen), and the server-log reader the drain relies on."""
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from client.server_logs import BatchWatch
+from core import torchserve
+from core.errors import EXIT_CODES, KeyRefused, ServerUnavailable, UserError
+from core.files import IMAGE_EXTENSIONS, iter_files, parse_extensions
+
+
+class TokenServer:
+    """A loopback server whose GET /token blocks until `release` is set, then rewrites the key file."""
+
+    def __init__(self, key_file: Path):
+        owner = self
+        self.release, self.entered, self.paths = threading.Event(), threading.Event(), []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                owner.paths.append(self.path)
+                owner.entered.set()
+                owner.release.wait(30)
+                key_file.write_text(json.dumps({"inference": {"key": "fresh"}, "API": {"key": "api"}}))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_management_url_keeps_the_brackets_of_an_ipv6_host():
+    assert torchserve.management_url_for("http://[::1]:8080") == "http://[::1]:8081"
+    assert torchserve.management_url_for("http://[fd00::5]:18090/") == "http://[fd00::5]:18091"
+    assert torchserve.management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
+
+
+def test_key_renewal_holds_no_lock_readers_wait_for_and_ignores_proxy_settings(tmp_path, monkeypatch):
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old"}, "API": {"key": "api"}}))
+    fake = TokenServer(key_file)
+    # a proxy from the environment would carry the API key elsewhere: the renewal must not use it
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    keys = torchserve.Keys(key_file, fake.url)
+    assert keys.get("inference") == "old"
+    renewed = {}
+    renewing = threading.Thread(target=lambda: renewed.setdefault("ok", keys.refresh("inference", "old")))
+    renewing.start()
+    assert fake.entered.wait(10), "the renewal never reached the server (sent through the proxy?)"
+    reader = threading.Thread(target=lambda: renewed.setdefault("read", keys.get("inference")))
+    reader.start()
+    reader.join(5)  # while the renewal's request is held open by the server
+    assert not reader.is_alive() and renewed["read"] == "old"  # a sender reads at once, not after 10 s
+    fake.release.set()
+    renewing.join(10)
+    assert renewed["ok"] is True and keys.get("inference") == "fresh"
+    assert fake.paths == ["/token?type=inference"]
+    fake.close()
+
+
+def test_an_unreadable_key_file_is_that_servers_error_when_used_not_at_construction(tmp_path):
+    folder = tmp_path / "key_file.json"
+    folder.mkdir()  # a folder where the key file should be
+    keys = torchserve.Keys(folder, "http://127.0.0.1:1")  # building it never raises
+    with pytest.raises(ServerUnavailable, match="cannot read key file"):
+        keys.get("inference")
+
+
+def test_token_files_give_the_proxy_tokens_and_a_bad_one_is_named(tmp_path):
+    inference, management = tmp_path / "inference", tmp_path / "management"
+    inference.write_text("tok-inference\n")
+    management.write_text("tok-management")
+    keys = torchserve.Keys(token_file=inference, management_token_file=management)
+    assert keys.key_file is None  # never the local key_file.json
+    assert keys.headers("inference") == {"Authorization": "Bearer tok-inference"}
+    assert keys.headers("management") == {"Authorization": "Bearer tok-management"}
+    reader_only = torchserve.Keys(token_file=inference)
+    assert reader_only.headers("management") == {"Authorization": "Bearer tok-inference"}  # reads only
+    inference.write_text("two words\n")
+    with pytest.raises(ServerUnavailable, match=f"cannot read token file {inference}"):
+        torchserve.Keys(token_file=inference).get("inference")
+
+
+def test_exit_codes_say_what_a_scheduler_should_do():
+    assert EXIT_CODES[KeyRefused] == 2 and EXIT_CODES[UserError] == 2  # never retry as it is
+    assert EXIT_CODES[ServerUnavailable] == 3  # retry later
+    assert next(code for kind, code in EXIT_CODES.items() if isinstance(KeyRefused("x"), kind)) == 2
+
+
+def test_one_extension_list_and_parser():
+    assert parse_extensions("JPG, .png,,") == {".jpg", ".png"}
+    assert set(IMAGE_EXTENSIONS) == parse_extensions(",".join(IMAGE_EXTENSIONS))
+    with pytest.raises(UserError, match="--extensions names no extension"):
+        parse_extensions(" , . ,")
+
+
+def test_the_one_walk_follows_folder_links_once_and_yields_odd_entries(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a loop: entered once, no hang
+    (tmp_path / "b").symlink_to(tmp_path / "a")  # a second link to one folder: its files once
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")  # broken: yielded, to get a row
+    found = sorted(p.relative_to(tmp_path).as_posix() for p in iter_files(tmp_path, {".png"}))
+    assert found == ["a/x.png", "gone.png"]
+
+
+LOG_LINE = "2026-12-01T08:00:00,000 [INFO ] W-9000-m_1.0 org.pytorch.serve.wlm.WorkerThread - {}\n"
+
+
+def test_batch_watch_forgets_what_a_worker_did_before_the_servers_last_start(tmp_path):
+    log = tmp_path / "ts_log.log"
+    # the previous run of the server: worker 9000 took a batch and the server died before answering
+    log.write_text("Torchserve version: 0.12.0\n" + LOG_LINE.format("Looping backend response") +
+                   "Torchserve version: 0.12.0\n")
+    watch = BatchWatch(tmp_path, "m", "1.0")
+    assert watch.busy(["9000"]) is None  # the restarted server's worker 9000 holds nothing
+    with open(log, "a") as f:
+        f.write(LOG_LINE.format("Looping backend response"))
+    assert watch.busy(["9000"]) == {"9000"}
+    with open(log, "a") as f:
+        f.write(LOG_LINE.format("Backend response time: 12"))
+    assert watch.busy(["9000"]) == set()
+
+
+def test_batch_watch_sees_a_rotation_to_a_larger_file(tmp_path):
+    log = tmp_path / "ts_log.log"
+    log.write_text(LOG_LINE.format("Backend response time: 1"))
+    watch = BatchWatch(tmp_path, "m", "1.0")
+    assert watch.busy(["9000"]) == set()
+    rotated = tmp_path / "new.log"  # a new file, already longer than the old one's offset
+    rotated.write_text("x" * 500 + "\n" + LOG_LINE.format("Looping backend response"))
+    rotated.replace(log)
+    assert watch.busy(["9000"]) == {"9000"}  # size alone would have missed it
