@@ -97,7 +97,7 @@ def smoke_test(client: TorchServe, name: str, version: str, images: list, min_ac
             if accuracy < old_accuracy - max_drop - 1e-9:  # 1e-9: a drop of exactly max_drop passes
                 raise Refused(f"smoke test: accuracy {accuracy:.4f} of {name} {version} is "
                               f"{old_accuracy - accuracy:.4f} below {name} {old}'s {old_accuracy:.4f} on "
-                              f"the same {len(images)} images (--max-accuracy-drop {max_drop:g}; pass "
+                              f"the same {labelled(images)} images (--max-accuracy-drop {max_drop:g}; pass "
                               f"--max-accuracy-drop 1 to roll out a worse model on purpose)")
     return summary
 
@@ -208,7 +208,8 @@ def check_replicas(members: list[Member], name: str, version: str, new_model: bo
     if old is None and not new_model:
         served = sorted({m for s in snapshots(members) if not s.error for m in s.models})
         if served:
-            raise Refused(f"rollout: {mar} is model {name}, which the fleet does not serve (it serves "
+            where = "the server does" if len(members) == 1 else "the fleet does"
+            raise Refused(f"rollout: {mar} is model {name}, which {where} not serve (it serves "
                           f"{', '.join(served)}); rebuild the archive with the served name, or pass "
                           f"--new-model to add {name} beside them (nothing changed)")
     return old
@@ -276,7 +277,7 @@ def rollout(members: list[Member], args: argparse.Namespace) -> str:
     if old is None or args.keep_old:
         report_end_states(members, name)
         kept = f"; {name} {old} kept" if old else ""
-        return f"rollout: {name} {old or '(none)'} -> {version} on {len(members)} replica(s), {smoke}{kept}"
+        return f"rollout: {name} {old or '(none)'} -> {version} on {replicas_(members)}, {smoke}{kept}"
     return retire(members, name, old, version, args, smoke)
 
 
@@ -300,5 +301,10 @@ def retire(members: list[Member], name: str, old: str, version: str, args: argpa
     if failures:  # the new version serves everywhere; only the old one lingers where its drain failed
         raise Refused(f"rollout: {name} {version} is the default and serving on every replica, but "
                       f"{name} {old} stays registered on {len(failures)} of them: {'; '.join(failures)}")
-    return (f"rollout: {name} {old} -> {version} on {len(members)} replica(s), {smoke}; "
+    return (f"rollout: {name} {old} -> {version} on {replicas_(members)}, {smoke}; "
             f"{name} {old} unregistered")
+
+
+def replicas_(members: list[Member]) -> str:
+    """"1 replica", "3 replicas"."""
+    return f"{len(members)} replica" + ("s" if len(members) != 1 else "")

@@ -117,13 +117,13 @@ def test_rollout_refuses_a_version_less_accurate_than_the_default(acc, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     line = one_error_line(result)
     assert "accuracy 0.0000 of acc 2 is 1.0000 below acc 1's 1.0000 on the same 9 images" in line
-    assert "rolled back" in line and "acc 1 is still the default" in line
+    assert "was rolled back" in line and "acc 1 is the default on" in line
     assert set(versions(srv, "acc")) == {"1"} and default(srv, "acc") == "1"
 
     # said explicitly, the worse version goes out
     result = manage(srv, "rollout", "acc-2.mar", "--smoke-dir", str(smoke), "--max-accuracy-drop", "1")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "9/9 smoke images ok, accuracy 0.0000 (acc 1: 1.0000)" in result.stdout
+    assert "9/9 smoke images ok, accuracy 0.0000 on the 9 in class folders (acc 1: 1.0000)" in result.stdout
     assert default(srv, "acc") == "2"
 
 

@@ -268,6 +268,7 @@ def test_server_stopped_mid_run_exit_3_then_resume_after_restart(server, many, t
     directory, paths = many
     output = tmp_path / "stopped.jsonl"
     old_keys = server.keys()
+    assert old_keys.get("inference")  # read now, before the restart rotates them
     proc = subprocess.Popen(client_args(server, directory, output, "--concurrency", "1", "--retries", "1",
                                         "--give-up-after", "5"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

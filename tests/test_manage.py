@@ -105,7 +105,7 @@ def test_usage_errors_exit_2_without_traceback(tmp_path):
     (tmp_path / "key_file.json").write_text("{}")
     flags[-1] = str(tmp_path / "key_file.json")
     result = subprocess.run([str(PYTHON), str(MANAGE), "list", *flags], capture_output=True, text=True)
-    assert result.returncode == 2 and "server unreachable" in result.stderr
+    assert result.returncode == 3 and "server unreachable" in result.stderr  # worth retrying later
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = subprocess.run([str(PYTHON), str(MANAGE), "rollout", "x.mar", "--min-accuracy", "0.9", *flags],
                             capture_output=True, text=True)
@@ -151,7 +151,7 @@ def test_register_describe_scale_set_default_unregister_round_trip(mserver, tmp_
     result = run_manage(srv, "describe", "trip", "--json")
     assert {v["modelVersion"] for v in json.loads(result.stdout)} == {"1", "2"}
     result = run_manage(srv, "describe", "nosuchmodel")
-    assert result.returncode == 1 and "nosuchmodel" in result.stderr and "404" in result.stderr
+    assert result.returncode == 1 and "describe nosuchmodel: not registered" in result.stderr
 
     result = run_manage(srv, "scale", "trip", "2", "--min", "1")
     assert result.returncode == 0, result.stderr
@@ -216,7 +216,7 @@ def test_rollout_under_load_loses_no_request(mserver, tmp_path):
                 proc.kill()
                 proc.wait()
     assert rollout_rc == 0, "".join(log) + rollout.stderr.read()
-    assert "tiny 1 -> 2" in log[-1] and "12/12 smoke images ok, accuracy 1.0000" in log[-1]
+    assert "tiny 1 -> 2 on 1 replica" in log[-1] and "12/12 smoke images ok, accuracy 1.0000" in "".join(log)
     assert client.returncode == 0, out + err
     assert load_running_after_rollout, "the load ended before v1 was unregistered: nothing was tested"
 
@@ -270,7 +270,7 @@ def test_failed_rollout_leaves_v1_default_and_removes_v2(guard, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], result.stderr
     if case != "corrupt-zip":
-        assert "rolled back" in lines[0] and "guard 1 is still the default" in lines[0]
+        assert "was rolled back" in lines[0] and "guard 1 is the default on" in lines[0]
     assert set(versions(srv, "guard")) == {"1"} and default(srv, "guard") == "1"
     answer = predict(srv, "guard", "green")
     assert answer.status_code == 200 and answer.json()[0]["label"] == "green"
