@@ -235,6 +235,15 @@ def test_body_limit_is_max_request_size(proxy):
     assert status_of(proxy.port, request) == 413
 
 
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=x", "application/x-www-form-urlencoded",
+                                          "Multipart/Mixed; boundary=y"])
+def test_form_bodies_are_refused(proxy, content_type):
+    """TorchServe decodes forms with an old Netty decoder; this project never sends them."""
+    body = b"--x\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nabc\r\n--x--\r\n"
+    request = raw_request("POST", f"/predictions/{MODEL}", proxy.token, body, (f"Content-Type: {content_type}",))
+    assert status_of(proxy.port, request) == 415
+
+
 # --- who may call what ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("authorization", [
