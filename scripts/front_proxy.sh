@@ -14,7 +14,7 @@
 #   PROXY_TS_CONFIG [$TS_CONFIG or config.properties]: max_request_size is the body limit
 set -euo pipefail
 
-die() { echo "error: $*" >&2; exit "${2:-2}"; }
+die() { echo "error: $1" >&2; exit "${2:-2}"; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 USAGE="usage: scripts/front_proxy.sh start | stop | status | reload"
 
@@ -31,7 +31,12 @@ PID_FILE="$PROXY_DIR/nginx.pid"
 NGINX=$(command -v nginx || true)
 [ -n "$NGINX" ] || { [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx; } || NGINX=""
 
-host_of() { local h=${1%:*}; h=${h#[}; h=${h%]}; [[ "$h" == 0.0.0.0 ]] && h=127.0.0.1; [[ "$h" == :: ]] && h=::1; printf '%s\n' "$h"; }
+host_of() {  # the address to reach a listen address at: a wildcard is reached on loopback
+    local h=${1%:*}
+    h=${h#[}; h=${h%]}
+    case "$h" in 0.0.0.0) h=127.0.0.1 ;; ::) h=::1 ;; esac
+    printf '%s\n' "$h"
+}
 port_of() { printf '%s\n' "${1##*:}"; }
 listening() { (exec 3<>"/dev/tcp/$(host_of "$1")/$(port_of "$1")") 2>/dev/null; }
 
@@ -69,7 +74,8 @@ check_reachable_by_workers() {
     dir=$(dirname "$PROXY_DIR")
     while [ "$dir" != / ]; do
         [[ "$(stat -c %A "$dir")" == *[xt] ]] \
-            || die "$dir is not searchable by others: nginx's workers (user nobody, as this runs as root) could not reach $PROXY_DIR/tmp; choose another PROXY_DIR"
+            || die "$dir is not searchable by others: nginx's workers (user nobody, as this runs \
+as root) could not reach $PROXY_DIR/tmp; choose another PROXY_DIR"
         dir=$(dirname "$dir")
     done
 }
@@ -84,7 +90,8 @@ start() {
     [ -z "$pid" ] || die "nginx already running from $PROXY_DIR (pid $pid); run 'scripts/front_proxy.sh stop' first" 1
     local address
     for address in "$PROXY_LISTEN" "$PROXY_MANAGEMENT_LISTEN" ${PROXY_METRICS_LISTEN:+"$PROXY_METRICS_LISTEN"}; do
-        ! listening "$address" || die "$address is already in use (another server?); choose a free one with PROXY_LISTEN / PROXY_MANAGEMENT_LISTEN" 1
+        ! listening "$address" || die "$address is already in use (another server?); choose a free one \
+with PROXY_LISTEN / PROXY_MANAGEMENT_LISTEN" 1
     done
     mkdir -p "$PROXY_DIR"
     check_reachable_by_workers
@@ -103,13 +110,17 @@ start() {
         [ -n "$code" ] && break
         sleep 0.1
     done
-    [ -n "$code" ] || { stop >/dev/null 2>&1 || true; die "nginx started but does not answer on $PROXY_LISTEN (see $PROXY_DIR/logs/error.log)" 1; }
+    if [ -z "$code" ]; then
+        stop >/dev/null 2>&1 || true
+        die "nginx started but does not answer on $PROXY_LISTEN (see $PROXY_DIR/logs/error.log)" 1
+    fi
     pid=$(running_pid)
     local backend
     code=$(ping_status "$PROXY_LISTEN" "$PROXY_TOKEN_FILE")
     case "$code" in
         200) backend="TorchServe answers /ping" ;;
-        *) backend="TorchServe does not answer yet (GET /ping through the proxy: ${code:-no answer}); start it with TS_TOKEN_AUTH=off scripts/serve.sh start" ;;
+        *) backend="TorchServe does not answer yet (GET /ping through the proxy: ${code:-no answer});"
+           backend+=" start it with TS_TOKEN_AUTH=off scripts/serve.sh start" ;;
     esac
     echo "front_proxy: nginx pid $pid: inference http://$PROXY_LISTEN, management http://$PROXY_MANAGEMENT_LISTEN," \
          "config and logs in $PROXY_DIR; $backend"

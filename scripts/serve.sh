@@ -17,7 +17,7 @@
 #                  written as {} (no keys), so clients of this server send none
 set -euo pipefail
 
-die() { echo "error: $*" >&2; exit "${2:-2}"; }
+die() { echo "error: $1" >&2; exit "${2:-2}"; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY="$REPO/.venv/bin/python"
 USAGE="usage: scripts/serve.sh start [MAR...] | stop | status"

@@ -235,12 +235,13 @@ def test_body_limit_is_max_request_size(proxy):
     assert status_of(proxy.port, request) == 413
 
 
-@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=x", "application/x-www-form-urlencoded",
-                                          "Multipart/Mixed; boundary=y"])
+@pytest.mark.parametrize("content_type", [
+    "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", "Multipart/Mixed; boundary=y"])
 def test_form_bodies_are_refused(proxy, content_type):
     """TorchServe decodes forms with an old Netty decoder; this project never sends them."""
     body = b"--x\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nabc\r\n--x--\r\n"
-    request = raw_request("POST", f"/predictions/{MODEL}", proxy.token, body, (f"Content-Type: {content_type}",))
+    headers = (f"Content-Type: {content_type}",)
+    request = raw_request("POST", f"/predictions/{MODEL}", proxy.token, body, headers)
     assert status_of(proxy.port, request) == 415
 
 
@@ -251,10 +252,8 @@ def test_form_bodies_are_refused(proxy, content_type):
     "Bearer {token}x", "Bearer x{token}", "Basic {token}", "Bearer {management_token}",
 ], ids=["none", "empty", "wrong", "suffix", "prefix", "basic", "management-token"])
 def test_inference_port_wants_the_inference_token(proxy, authorization):
-    headers = ()
-    if authorization:
-        headers = (authorization.format(token=proxy.token, management_token=proxy.management_token),)
-        headers = (f"Authorization: {headers[0]}",)
+    value = (authorization or "").format(token=proxy.token, management_token=proxy.management_token)
+    headers = (f"Authorization: {value}",) if authorization else ()
     answer = exchange(proxy.port, raw_request("POST", f"/predictions/{MODEL}", None, png((1, 2, 3)), headers))
     assert statuses(answer) == [401]
     assert b"WWW-Authenticate: Bearer" in answer
@@ -330,7 +329,8 @@ def test_management_calls_on_the_inference_port_never_reach_torchserve(proxy, ba
     before = len(access_log_lines(backend))
     calls = [("GET", "/models"), ("GET", f"/models/{MODEL}?customized=true"),
              ("POST", f"/models?url={MODEL}-{VERSION}.mar&model_name=intruder&initial_workers=1"),
-             ("PUT", f"/models/{MODEL}/{VERSION}?min_worker=0"), ("PUT", f"/models/{MODEL}/{VERSION}/set-default"),
+             ("PUT", f"/models/{MODEL}/{VERSION}?min_worker=0"),
+             ("PUT", f"/models/{MODEL}/{VERSION}/set-default"),
              ("DELETE", f"/models/{MODEL}/{VERSION}"), ("GET", "/token?type=management"), ("GET", "/metrics"),
              ("GET", "/api-description"), ("OPTIONS", "/"), ("POST", f"/explanations/{MODEL}"),
              ("POST", f"/v2/models/{MODEL}/infer"), ("GET", f"/predictions/{MODEL}")]
@@ -500,7 +500,8 @@ def test_start_without_torchserve_then_stop_by_pid(ts_config):
 
 def test_render_refuses_unsafe_settings(tmp_path, ts_config):
     env = new_proxy(tmp_path, None, ts_config).env
-    cases = {"PROXY_BACKEND": "http://127.0.0.1:8080/models", "PROXY_MANAGEMENT_BACKEND": "http://user@host:1",
+    cases = {"PROXY_BACKEND": "http://127.0.0.1:8080/models",
+             "PROXY_MANAGEMENT_BACKEND": "http://user@host:1",
              "PROXY_LISTEN": "127.0.0.1:8090;evil", "PROXY_DIR": str(tmp_path / "a b"),
              "PROXY_HEADER_TIMEOUT": "0"}
     for name, value in cases.items():
