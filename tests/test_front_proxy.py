@@ -498,6 +498,37 @@ def test_start_without_torchserve_then_stop_by_pid(ts_config):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_foreground_with_a_metrics_port(backend, ts_config):
+    """A pod's way: render.sh --foreground execs nginx, logs on stdout/stderr; the metrics port passes
+    GET /metrics without a token and nothing else."""
+    base = proxy_base()
+    front = new_proxy(base, backend, ts_config)
+    metrics_port = free_ports(1)[0]
+    env = {**front.env, "PROXY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+           "PROXY_METRICS_BACKEND": backend.metrics_url,
+           "PROXY_ACCESS_LOG": "/dev/stdout", "PROXY_ERROR_LOG": "/dev/stderr"}
+    nginx = subprocess.Popen(["sh", str(RENDER), "--foreground"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        def metrics_answer() -> bool:
+            try:
+                return statuses(exchange(metrics_port, raw_request("GET", "/metrics"))) == [200]
+            except ConnectionRefusedError:
+                return False
+
+        assert wait_for(metrics_answer, 20) or nginx.poll() is None, nginx.stderr.read()
+        assert metrics_answer(), "nginx answered no GET /metrics on the metrics port"
+        assert b"ts_inference_requests_total" in exchange(metrics_port, raw_request("GET", "/metrics"))
+        for method, target in (("GET", "/models"), ("GET", "/ping"), ("POST", f"/predictions/{MODEL}")):
+            assert status_of(metrics_port, raw_request(method, target, front.token)) == 404
+        assert status_of(front.port, raw_request("GET", "/ping", front.token)) == 200
+        assert nginx.poll() is None  # still in the foreground: the pid a container runtime watches
+    finally:
+        nginx.terminate()
+        nginx.wait(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_render_refuses_unsafe_settings(tmp_path, ts_config):
     env = new_proxy(tmp_path, None, ts_config).env
     cases = {"PROXY_BACKEND": "http://127.0.0.1:8080/models",
