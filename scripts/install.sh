@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: Java >= 11 for TorchServe's frontend, and .venv with the
+# Idempotent set-up: Java >= 11 for TorchServe's frontend, Debian's nginx (the front proxy of the
+# pods and of scripts/front_proxy.sh), and .venv with the
 # pinned requirements and this project installed editable. A stamp keyed on requirements.txt and
 # pyproject.toml makes a rerun a no-op.
 set -euo pipefail
@@ -11,6 +12,14 @@ java_major() {
 if ! command -v java >/dev/null 2>&1 || [ "$(java_major)" -lt 11 ]; then
     echo "install: Java >= 11 not found; installing openjdk-17-jre-headless"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless
+fi
+
+# nginx: the maintained component in front of TorchServe (docs/security.md). Installed, not
+# started: front_proxy.sh runs its own instance; where an init system runs Debian's default
+# nginx service after the install, `systemctl disable --now nginx` stops it (it serves a static page).
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    echo "install: nginx not found; installing Debian's nginx"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
 fi
 
 PY=${PYTHON:-python3}

@@ -12,9 +12,12 @@
 #   TS_TMPDIR [$TS_LOG_DIR/tmp]: TMPDIR of torchserve (its pid file) and its workers' sockets
 #   TS_KEY_DIR [repository root]: where torchserve runs, so where key_file.json is written
 #   TS_START_TIMEOUT [180] seconds `start` waits;  TS_CONFIG [config.properties]
+#   TS_TOKEN_AUTH [on]: `off` turns TorchServe's own token authorization off, only for a server
+#                  behind scripts/front_proxy.sh (nginx checks the tokens); key_file.json is then
+#                  written as {} (no keys), so clients of this server send none
 set -euo pipefail
 
-die() { echo "error: $*" >&2; exit "${2:-2}"; }
+die() { echo "error: $1" >&2; exit "${2:-2}"; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY="$REPO/.venv/bin/python"
 USAGE="usage: scripts/serve.sh start [MAR...] | stop | status"
@@ -93,6 +96,9 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     [ "${#tmp}" -le 80 ] \
         || die "TMPDIR path too long for Unix sockets (${#tmp} > 80 bytes): $tmp; set TS_TMPDIR"
 
+    local token_auth=${TS_TOKEN_AUTH:-on}
+    case "$token_auth" in on|off) ;; *) die "TS_TOKEN_AUTH='$token_auth': expected on or off" ;; esac
+
     local models=() mar
     for mar in "$@"; do  # a file name in the store, or a path to a file inside the store
         if [ -f "$mar" ] && [ "$(cd "$(dirname "$mar")" && pwd)" != "$store" ]; then
@@ -118,6 +124,10 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
         echo "initial_worker_port=$worker"
         echo "model_store=$store"
         echo "allowed_urls=file://\\\\Q$store/\\\\E[^/]+[.]mar"
+        if [ "$token_auth" = off ]; then
+            echo "# TS_TOKEN_AUTH=off: on loopback behind scripts/front_proxy.sh, which checks the tokens."
+            echo "disable_token_authorization=true"
+        fi
     } >"$derived"
 
     rm -f "$key_dir/key_file.json"  # a stale file would hold the keys of a dead server
@@ -133,6 +143,11 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
             "$REPO/.venv/bin/torchserve" --start --ncs --ts-config "$derived" --model-store "$store" \
             ${models[@]+--models "${models[@]}"} >"$LOG_DIR/torchserve.out" 2>&1 </dev/null
     ) || { tail -n 20 "$LOG_DIR/torchserve.out" >&2; die "torchserve --start failed" 1; }
+    if [ "$token_auth" = off ]; then  # TorchServe writes no key file then: say so to every client
+        (umask 077 && echo '{}' >"$key_dir/key_file.json")
+        echo "serve: token authorization is OFF: any local process can use the management API;" \
+             "let other machines in only through scripts/front_proxy.sh"
+    fi
     [ -s "$tmp/.model_server.pid" ] || die "torchserve did not write $tmp/.model_server.pid" 1
     local pid
     pid=$(head -n 1 "$tmp/.model_server.pid")
