@@ -1,7 +1,8 @@
 # The two images of deploy/kubernetes, from the repository root (docs/kubernetes.md, "Images"):
 #   docker build --target server -t REGISTRY/ts-batch-classify-server:0.1.0 .
 #   docker build --target client -t REGISTRY/ts-batch-classify-client:0.1.0 .
-# server: TorchServe, its workers' packages, nginx and the probe (the replica pods).
+# server: TorchServe, its workers' packages, nginx and the probe (the replica pods; nginx's
+# configuration comes from a ConfigMap made of deploy/nginx).
 # client: the classifier and rollout commands only, no torch, no Java (the Jobs).
 # Each installs the packages it names with requirements.txt's pins as constraints, so an image
 # never runs a version the tests did not (tests/test_kubernetes.py checks the names are pinned).
@@ -50,7 +51,6 @@ RUN pip install -c requirements.txt torch torchvision torchserve PyYAML pillow n
 COPY handler/ handler/
 COPY client/ client/
 COPY deploy/kubernetes/start-torchserve.sh deploy/kubernetes/probe.py deploy/kubernetes/
-COPY deploy/nginx/ deploy/nginx/
 USER 10001:10001
 # For `docker run`; Kubernetes uses the pod's own probes (deploy/kubernetes/statefulset.yaml).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s CMD ["python", "/app/deploy/kubernetes/probe.py", "live"]

@@ -1,0 +1,176 @@
+#!/bin/sh
+# Render deploy/nginx/nginx.conf.template into $PROXY_DIR/nginx.conf and the token maps into
+# $PROXY_DIR/tokens.map (mode 0600), for scripts/front_proxy.sh and for a pod's nginx container
+# alike. POSIX sh and coreutils only, so it runs in a small image. The environment is the
+# contract written at the top of the template; every error is one line naming what is wrong.
+#   sh deploy/nginx/render.sh                 render and check the result with `nginx -t`
+#   sh deploy/nginx/render.sh --foreground    render, then exec nginx in the foreground (a pod)
+# Tokens never appear on a command line: they are read and written by shell built-ins only.
+set -eu
+
+die() { echo "render.sh: error: $*" >&2; exit 2; }
+HERE=$(cd "$(dirname "$0")" && pwd)
+TEMPLATE="$HERE/nginx.conf.template"
+NGINX=$(command -v nginx 2>/dev/null || true)
+[ -n "$NGINX" ] || { [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx; } \
+    || die "nginx not found (on PATH or /usr/sbin); 'make install' installs Debian's nginx"
+MODE=${1:-check}
+case "$MODE" in check|--foreground) ;; *) die "usage: render.sh [--foreground]" ;; esac
+
+: "${PROXY_DIR:?PROXY_DIR must name a writable folder for the rendered config, pid and logs}"
+: "${PROXY_TOKEN_FILE:?PROXY_TOKEN_FILE must name the file holding the inference token}"
+: "${PROXY_MANAGEMENT_TOKEN_FILE:?PROXY_MANAGEMENT_TOKEN_FILE must name the file holding the management token}"
+LISTEN=${PROXY_LISTEN:-127.0.0.1:8090}
+MANAGEMENT_LISTEN=${PROXY_MANAGEMENT_LISTEN:-127.0.0.1:8091}
+METRICS_LISTEN=${PROXY_METRICS_LISTEN:-}
+DEFAULT_TS_CONFIG="$HERE/../../config.properties"
+TS_CONFIG=${PROXY_TS_CONFIG:-$DEFAULT_TS_CONFIG}
+
+# ADDRESS:PORT, the address an IPv4 literal or a bracketed IPv6 literal.
+check_listen() {
+    case "$2" in
+        *[!]0-9.:[a-fA-F]*|'') die "$1='$2': expected ADDRESS:PORT, e.g. 127.0.0.1:8090 or [::1]:8090" ;;
+    esac
+    port=${2##*:}
+    case "$port" in ''|*[!0-9]*) die "$1='$2': no port after the last ':'" ;; esac
+    [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "$1='$2': port out of range"
+}
+# http://HOST:PORT[/] -> HOST:PORT; no path, no credentials, no scheme but http.
+backend_of() {
+    rest=${2#http://}
+    rest=${rest%/}
+    case "$2" in http://*) ;; *) die "$1='$2': expected http://HOST:PORT" ;; esac
+    case "$rest" in
+        ''|*[!]A-Za-z0-9.:[-]*) die "$1='$2': expected http://HOST:PORT (no path, user or query)" ;;
+    esac
+    port=${rest##*:}
+    case "$port" in ''|*[!0-9]*) die "$1='$2': no port" ;; esac
+    printf '%s\n' "$rest"
+}
+check_listen PROXY_LISTEN "$LISTEN"
+check_listen PROXY_MANAGEMENT_LISTEN "$MANAGEMENT_LISTEN"
+[ -z "$METRICS_LISTEN" ] || check_listen PROXY_METRICS_LISTEN "$METRICS_LISTEN"
+INFERENCE_BACKEND=$(backend_of PROXY_BACKEND "${PROXY_BACKEND:-http://127.0.0.1:8080}")
+MANAGEMENT_BACKEND=$(backend_of PROXY_MANAGEMENT_BACKEND "${PROXY_MANAGEMENT_BACKEND:-http://127.0.0.1:8081}")
+METRICS_BACKEND=$(backend_of PROXY_METRICS_BACKEND "${PROXY_METRICS_BACKEND:-http://127.0.0.1:8082}")
+
+seconds() {
+    case "$2" in ''|*[!0-9]*|0) die "$1='$2': expected a whole number of seconds >= 1" ;; esac
+    printf '%s\n' "$2"
+}
+HEADER_TIMEOUT=$(seconds PROXY_HEADER_TIMEOUT "${PROXY_HEADER_TIMEOUT:-10}")
+BODY_TIMEOUT=$(seconds PROXY_BODY_TIMEOUT "${PROXY_BODY_TIMEOUT:-30}")
+UPSTREAM_TIMEOUT=$(seconds PROXY_UPSTREAM_TIMEOUT "${PROXY_UPSTREAM_TIMEOUT:-300}")
+
+# The body limit is TorchServe's own max_request_size (its default when the key is absent).
+[ -f "$TS_CONFIG" ] || die "$TS_CONFIG: TorchServe config not found (PROXY_TS_CONFIG); its max_request_size is the body limit"
+MAX_BODY=$(sed -n 's/^[[:space:]]*max_request_size[[:space:]]*=[[:space:]]*//p' "$TS_CONFIG" | tail -n 1 | tr -d '\r[:space:]')
+MAX_BODY=${MAX_BODY:-6553500}
+case "$MAX_BODY" in *[!0-9]*) die "$TS_CONFIG: max_request_size='$MAX_BODY' is not a number of bytes" ;; esac
+
+# Paths go into the config unquoted: letters, digits and / . _ + - only.
+safe_path() {
+    case "$2" in
+        /*) ;;
+        *) die "$1='$2': expected an absolute path" ;;
+    esac
+    case "$2" in *[!A-Za-z0-9/._+-]*) die "$1='$2': only letters, digits and / . _ + - are allowed" ;; esac
+}
+safe_path PROXY_DIR "$PROXY_DIR"
+ACCESS_LOG=${PROXY_ACCESS_LOG:-$PROXY_DIR/logs/access.log}
+ERROR_LOG=${PROXY_ERROR_LOG:-$PROXY_DIR/logs/error.log}
+safe_path PROXY_ACCESS_LOG "$ACCESS_LOG"
+safe_path PROXY_ERROR_LOG "$ERROR_LOG"
+
+# The tokens: one a line (two during a rotation), blank lines and #-comments skipped. nginx's map
+# compares them without regard to case, so 32 characters is the least (>= 160 bits even then).
+read_tokens() {  # $1 variable name (for messages), $2 file, $3 role -> map lines on stdout
+    [ -e "$2" ] || die "$2: token file not found ($1)"
+    [ -f "$2" ] && [ -r "$2" ] || die "$2: token file not readable ($1)"
+    count=0
+    while IFS= read -r line || [ -n "$line" ]; do
+        token=$(printf '%s' "$line" | tr -d '\r')
+        token=${token#"${token%%[![:space:]]*}"}
+        token=${token%"${token##*[![:space:]]}"}
+        case "$token" in ''|'#'*) continue ;; esac
+        case "$token" in
+            *[!A-Za-z0-9._~+/=-]*) die "$2: a token may hold only letters, digits and . _ ~ + / = - ($1)" ;;
+        esac
+        [ "${#token}" -ge 32 ] || die "$2: a token has ${#token} characters; at least 32 are needed ($1)"
+        [ "${#token}" -le 512 ] || die "$2: a token has more than 512 characters ($1)"
+        printf '    "Bearer %s" %s;\n' "$token" "$3"
+        count=$((count + 1))
+    done <"$2"
+    [ "$count" -gt 0 ] || die "$2: token file is empty ($1)"
+}
+
+umask 077
+mkdir -p "$PROXY_DIR/logs" "$PROXY_DIR/tmp" || die "$PROXY_DIR: cannot create (PROXY_DIR must be writable)"
+[ -w "$PROXY_DIR" ] || die "$PROXY_DIR: not writable (PROXY_DIR)"
+inference_map=$(read_tokens PROXY_TOKEN_FILE "$PROXY_TOKEN_FILE" inference)
+management_map=$(read_tokens PROXY_MANAGEMENT_TOKEN_FILE "$PROXY_MANAGEMENT_TOKEN_FILE" management)
+duplicates=$(printf '%s\n%s\n' "$inference_map" "$management_map" | cut -d'"' -f2 | tr 'A-Z' 'a-z' | sort | uniq -d)
+[ -z "$duplicates" ] || die "$PROXY_TOKEN_FILE, $PROXY_MANAGEMENT_TOKEN_FILE: a token appears twice (the inference and the management token must differ)"
+
+# Run as root (a workstation's sudo, a CI container), nginx's master reads this and opens the
+# ports and logs; its workers switch to nobody, which must reach the temp folder.
+if [ "$(id -u)" = 0 ]; then
+    group=nobody
+    grep -q '^nogroup:' /etc/group 2>/dev/null && group=nogroup
+    USER_DIRECTIVE="user nobody $group;"
+    chmod 0711 "$PROXY_DIR" "$PROXY_DIR/tmp"
+else
+    USER_DIRECTIVE="# not root: the workers run as the same user as the master"
+fi
+
+workers=${PROXY_WORKERS:-2}
+case "$workers" in ''|*[!0-9]*|0) die "PROXY_WORKERS='$workers': expected a whole number >= 1" ;; esac
+
+# Written beside the final files, then renamed: a reload never reads half a file.
+tokens_tmp="$PROXY_DIR/.tokens.map.new"
+{
+    echo "# Rendered by deploy/nginx/render.sh from PROXY_TOKEN_FILE and PROXY_MANAGEMENT_TOKEN_FILE."
+    echo 'map $http_authorization $proxy_token_role {'
+    echo '    default "";'
+    printf '%s\n%s\n' "$inference_map" "$management_map"
+    echo '}'
+} >"$tokens_tmp"
+chmod 0600 "$tokens_tmp"
+
+conf_tmp="$PROXY_DIR/.nginx.conf.new"
+metrics_filter='/^#BEGIN metrics$/,/^#END metrics$/d'
+[ -z "$METRICS_LISTEN" ] || metrics_filter='/^#BEGIN metrics$/d;/^#END metrics$/d'
+{
+    echo "# Rendered by deploy/nginx/render.sh from deploy/nginx/nginx.conf.template; edit that, not this."
+    sed -e "$metrics_filter" \
+        -e "s|@PROXY_DIR@|$PROXY_DIR|g" \
+        -e "s|@ACCESS_LOG@|$ACCESS_LOG|g" \
+        -e "s|@ERROR_LOG@|$ERROR_LOG|g" \
+        -e "s|@USER_DIRECTIVE@|$USER_DIRECTIVE|g" \
+        -e "s|@WORKERS@|$workers|g" \
+        -e "s|@MAX_BODY@|$MAX_BODY|g" \
+        -e "s|@HEADER_TIMEOUT@|$HEADER_TIMEOUT|g" \
+        -e "s|@BODY_TIMEOUT@|$BODY_TIMEOUT|g" \
+        -e "s|@UPSTREAM_TIMEOUT@|$UPSTREAM_TIMEOUT|g" \
+        -e "s|@INFERENCE_BACKEND@|$INFERENCE_BACKEND|g" \
+        -e "s|@MANAGEMENT_BACKEND@|$MANAGEMENT_BACKEND|g" \
+        -e "s|@METRICS_BACKEND@|$METRICS_BACKEND|g" \
+        -e "s|@PROXY_LISTEN@|$LISTEN|g" \
+        -e "s|@PROXY_MANAGEMENT_LISTEN@|$MANAGEMENT_LISTEN|g" \
+        -e "s|@PROXY_METRICS_LISTEN@|$METRICS_LISTEN|g" \
+        "$TEMPLATE"
+} >"$conf_tmp"
+! grep -q '@[A-Z_]*@' "$conf_tmp" || die "$TEMPLATE: a placeholder was left unrendered: $(grep -o '@[A-Z_]*@' "$conf_tmp" | head -n 1)"
+mv -f "$tokens_tmp" "$PROXY_DIR/tokens.map"
+mv -f "$conf_tmp" "$PROXY_DIR/nginx.conf"
+
+# -e: nginx's own error log before it reads the config (its built-in default is under /var/log).
+if ! out=$("$NGINX" -t -q -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.conf" 2>&1); then
+    die "nginx -t rejects $PROXY_DIR/nginx.conf: $(printf '%s' "$out" | grep -m1 -E 'emerg|alert|error' || printf '%s' "$out" | head -n 1)"
+fi
+echo "render.sh: $PROXY_DIR/nginx.conf (inference $LISTEN -> $INFERENCE_BACKEND, management" \
+     "$MANAGEMENT_LISTEN -> $MANAGEMENT_BACKEND${METRICS_LISTEN:+, metrics $METRICS_LISTEN -> $METRICS_BACKEND}," \
+     "body limit $MAX_BODY bytes from $TS_CONFIG)"
+if [ "$MODE" = --foreground ]; then
+    exec "$NGINX" -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.conf" -g 'daemon off;'
+fi
