@@ -20,7 +20,7 @@ CHECKOV="checkov==3.3.30"
 [ -x .venv-checkov/bin/python ] || "$PY" -m venv .venv-checkov
 stamp=".venv/.requirements-$(cat requirements.txt requirements-test.txt pyproject.toml <(echo "$CHECKOV") \
     | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ]; then
+if [ -f "$stamp" ] && [ -x .venv-checkov/bin/checkov ]; then
     echo "install: .venv is up to date"
     exit 0
 fi
