@@ -1,43 +1,58 @@
-# The image every pod of deploy/kubernetes runs: TorchServe replicas, their auth proxy, the
-# classification Job and the toolbox. Build from the repository root:
-#   docker build -t REGISTRY/ts-batch-classify:0.1.0 .
+# The two images of deploy/kubernetes, from the repository root (docs/kubernetes.md, "Images"):
+#   docker build --target server -t REGISTRY/ts-batch-classify-server:0.1.0 .
+#   docker build --target client -t REGISTRY/ts-batch-classify-client:0.1.0 .
+# server: TorchServe, its workers' packages, nginx and the probe (the replica pods; nginx's
+# configuration comes from a ConfigMap made of deploy/nginx).
+# client: the classifier and rollout commands only, no torch, no Java (the Jobs).
+# Each installs the packages it names with requirements.txt's pins as constraints, so an image
+# never runs a version the tests did not (tests/test_kubernetes.py checks the names are pinned).
 # Debian 12 (bookworm) because it packages the Java 17 runtime TorchServe 0.12 is tested with.
-FROM python:3.11-slim-bookworm
-
-# NVIDIA_DRIVER_CAPABILITIES: TorchServe counts GPUs with nvidia-smi, which the NVIDIA
-# container runtime mounts only with "utility".
+# The digest pins the base image (update it and the tag together); not pulled from this repository's
+# machines (no container registry reachable): check it with `docker buildx imagetools inspect`.
+FROM python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91 AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONFIG_FILE=/dev/null \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    PYTHONPATH=/app \
+    PATH=/app/.venv/bin:$PATH
+# A high uid/gid (above the host's usual range), the same in both images and every pod.
+RUN groupadd --gid 10001 app && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin app
+WORKDIR /app
+COPY requirements.txt .
+RUN python -m venv /app/.venv
 
-# Java 17 for TorchServe's frontend; tini as PID 1 to pass SIGTERM to the whole process group.
-# The man1 folder: the JRE's post-install step links manual pages there, and slim images lack it.
+FROM base AS client
+# What client/ and handler/preprocessing.py import (no torch: the client decodes with PIL/numpy).
+RUN pip install -c requirements.txt requests PyYAML numpy pillow tqdm
+COPY client/ client/
+COPY handler/ handler/
+COPY scripts/classify_dir.py scripts/manage.py scripts/
+COPY deploy/kubernetes/make_fleet.py deploy/kubernetes/publish_mar.py deploy/kubernetes/
+USER 10001:10001
+# A batch command, not a server: nothing to check while it runs.
+HEALTHCHECK NONE
+ENTRYPOINT ["python"]
+
+FROM base AS server
+# NVIDIA_DRIVER_CAPABILITIES: TorchServe counts GPUs with nvidia-smi, which the NVIDIA
+# container runtime mounts only with "utility".
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# Java 17 for TorchServe's frontend, nginx in front of it, tini as PID 1 to pass signals to the
+# whole process group. The man1 folder: the JRE's post-install step links manual pages there.
 RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        openjdk-17-jre-headless tini \
+        openjdk-17-jre-headless nginx tini \
     && rm -rf /var/lib/apt/lists/*
-
-RUN useradd --create-home --uid 1000 --user-group app
-
-WORKDIR /app
-# Dependencies first, so that a code change does not reinstall torch (a CUDA build, ~5.5 GB).
-# The venv sits where the repository's scripts look for it (.venv beside them).
-COPY requirements.txt .
-RUN python -m venv /app/.venv \
-    && /app/.venv/bin/pip install -r requirements.txt
-ENV PATH=/app/.venv/bin:$PATH
-
-# The repository (.dockerignore leaves out .venv, runs, logs, data, archives and keys).
-COPY . .
-# The project itself (client, handler, training): importable by every command, probe and proxy.
-RUN /app/.venv/bin/pip install --no-deps --no-build-isolation -e .
-# The model store is a mounted volume; the folder is its mount point.
-RUN mkdir -p /app/model_store
-
-USER 1000:1000
+# What the workers import (torch's Linux wheels are CUDA builds, ~5.5 GB), and the probe's requests.
+RUN pip install -c requirements.txt torch torchvision torchserve PyYAML pillow numpy psutil requests
+COPY handler/ handler/
+COPY client/ client/
+COPY deploy/kubernetes/start-torchserve.sh deploy/kubernetes/probe.py deploy/kubernetes/
+USER 10001:10001
+# For `docker run`; Kubernetes uses the pod's own probes (deploy/kubernetes/statefulset.yaml).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s CMD ["python", "/app/deploy/kubernetes/probe.py", "live"]
 ENTRYPOINT ["tini", "-g", "--"]
 CMD ["bash", "/app/deploy/kubernetes/start-torchserve.sh"]

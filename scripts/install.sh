@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Java >= 11 for TorchServe's frontend, Debian's nginx (the front proxy of the
-# pods and of scripts/front_proxy.sh), and .venv with the
-# pinned requirements and this project installed editable. A stamp keyed on requirements.txt and
-# pyproject.toml makes a rerun a no-op.
+# pods and of scripts/front_proxy.sh), .venv with the pinned runtime and test requirements and this
+# project installed editable, and .venv-checkov with the manifest scanner the tests run. A stamp
+# keyed on the requirement lists and pyproject.toml makes a rerun a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,14 +24,20 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-stamp=".venv/.requirements-$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ]; then
+# Checkov in its own venv: its pins (packaging 23.2, networkx 2.6.3) would downgrade torch's.
+CHECKOV="checkov==3.3.30"
+[ -x .venv-checkov/bin/python ] || "$PY" -m venv .venv-checkov
+stamp=".venv/.requirements-$(cat requirements.txt requirements-test.txt pyproject.toml <(echo "$CHECKOV") \
+    | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ -x .venv-checkov/bin/checkov ]; then
     echo "install: .venv is up to date"
     exit 0
 fi
 # PIP_CONFIG_FILE=/dev/null: a machine-wide pip config may carry a constraint
 # file that caps torch below the pinned release; the pins here are the truth.
 PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt
+PIP_CONFIG_FILE=/dev/null .venv-checkov/bin/pip install --quiet --disable-pip-version-check "$CHECKOV"
 # The project itself, editable: its packages (client, handler, training, benchmarks) import from
 # anywhere, with no sys.path edits, and pyproject.toml's console scripts land in .venv/bin.
 PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check --no-deps \

@@ -1,58 +1,68 @@
-"""The TorchServe pod's exec probe: /ping with the pod's own inference key, renewed when it expires.
+"""The replica's exec probe: TorchServe on loopback, asked whether it is alive or its models READY.
 
-TorchServe 0.12 answers /ping only with the inference key, which lives in the key_file.json it
-wrote at start and expires after 60 minutes. An HTTP probe cannot send it; this one reads the
-file, and on a refused key asks the management API for a fresh one with the API key (as every
-client of the project does), so the pod's keys never go stale and authorization stays on.
+TorchServe binds 127.0.0.1 in the pod (nginx is what listens on the pod IP), so a kubelet HTTP
+probe cannot reach it, and nginx would want a token the probe spec cannot hold. This probe runs
+in the TorchServe container, where loopback needs no token (TorchServe's own authorization is
+off behind nginx), and reads nothing from shared storage: a stalled volume never fails it.
 
-    live:  the frontend answers /ping and accepts the key (any status: a model still loading
-           or a worker restarting is no reason to kill the server)
-    ready: /ping answers 200 "Healthy" (every model has its minimum of workers)
+    live:  the frontend answers /ping, whatever its status (a model still loading or a worker
+           restarting is no reason to kill the server)
+    ready: /ping answers 200 "Healthy", at least one model is registered, and every model's
+           default version has a READY worker (an empty server is "Healthy" too: not ready)
 
-    python deploy/kubernetes/probe.py ready|live [--key-file PATH]
-
-The key file defaults to $TS_KEY_ROOT/$POD_NAME/key_file.json, where start-torchserve.sh runs
-TorchServe (exec probes get the container's environment but no $(VAR) expansion).
+    python deploy/kubernetes/probe.py live|ready [--url URL] [--management-url URL]
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import requests
 
-from core.torchserve import Keys, is_auth_error, new_session, request_with_key
+
+def get(session: requests.Session, url: str, timeout: float) -> requests.Response:
+    return session.get(url, timeout=timeout)
 
 
-def probe(mode: str, inference_url: str, management_url: str, key_file: str, timeout: float) -> str | None:
+def not_ready_models(session: requests.Session, management_url: str, timeout: float) -> str | None:
+    """None when every registered model's default version has a READY worker, else why not."""
+    listing = get(session, f"{management_url}/models", timeout)
+    if listing.status_code != 200:
+        return f"/models answered {listing.status_code}"
+    names = [m.get("modelName") for m in listing.json().get("models", [])]
+    if not names:
+        return "no model registered"
+    for name in names:
+        answer = get(session, f"{management_url}/models/{name}", timeout)
+        if answer.status_code != 200:
+            return f"/models/{name} answered {answer.status_code}"
+        versions = answer.json()
+        default = next((v for v in versions if v.get("isDefault")), versions[0] if versions else {})
+        ready = [w for w in default.get("workers", []) if w.get("status") == "READY"]
+        if not ready:
+            return f"{name} {default.get('modelVersion', '?')}: no READY worker yet"
+    return None
+
+
+def probe(mode: str, inference_url: str, management_url: str, timeout: float) -> str | None:
     """None when the server passes the `mode` check, else why it fails."""
-    if not Path(key_file).is_file():
-        return f"no key file {key_file} yet (TorchServe writes it at start)"
-    keys = Keys(key_file, management_url)
+    session = requests.Session()
+    session.trust_env = False  # loopback only: never a proxy from the environment
     try:
-        response = request_with_key(new_session(1), "GET", f"{inference_url}/ping", keys, "inference",
-                                    timeout=timeout)
+        ping = get(session, f"{inference_url}/ping", timeout)
+        if mode == "live":
+            return None
+        try:
+            healthy = ping.status_code == 200 and ping.json().get("status") == "Healthy"
+        except (ValueError, AttributeError):
+            healthy = False
+        if not healthy:
+            return f"/ping answered {ping.status_code}: {ping.text.strip()[:200]}"
+        return not_ready_models(session, management_url, timeout)
     except requests.RequestException as e:
-        return f"no answer on {inference_url}/ping ({type(e).__name__})"
-    if is_auth_error(response):
-        return f"/ping refused the keys of {key_file} and the API key could not renew them"
-    if mode == "live":
-        return None
-    try:
-        healthy = response.status_code == 200 and response.json().get("status") == "Healthy"
-    except (ValueError, AttributeError):
-        healthy = False
-    return None if healthy else f"/ping answered {response.status_code}: {response.text.strip()[:200]}"
-
-
-def default_key_file() -> str:
-    """This pod's key file: $TS_KEY_ROOT/$POD_NAME/key_file.json, else key_file.json here."""
-    pod = os.environ.get("POD_NAME")
-    if not pod:
-        return "key_file.json"
-    return os.path.join(os.environ.get("TS_KEY_ROOT") or "/keys", pod, "key_file.json")
+        return f"no answer from {inference_url} or {management_url} ({type(e).__name__})"
+    except (ValueError, AttributeError, TypeError) as e:
+        return f"unexpected answer ({type(e).__name__}: {e})"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,17 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("mode", choices=("live", "ready"), help="which check")
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="inference URL (default: %(default)s)")
     parser.add_argument("--management-url", default="http://127.0.0.1:8081",
-                        help="management URL, for renewing keys (default: %(default)s)")
-    parser.add_argument("--key-file", default=default_key_file(),
-                        help="the server's key file (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=5.0,
-                        help="seconds per request (default: %(default)s)")
+                        help="management URL, for the models' workers (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request (default: %(default)s)")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     """Exit 0 when the check passes, 1 with the reason on stderr (the pod's events show it)."""
-    why = probe(args.mode, args.url.rstrip("/"), args.management_url.rstrip("/"), args.key_file, args.timeout)
+    why = probe(args.mode, args.url.rstrip("/"), args.management_url.rstrip("/"), args.timeout)
     if why:
         print(f"probe {args.mode}: {why}", file=sys.stderr)
         return 1

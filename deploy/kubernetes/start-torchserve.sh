@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run this pod's TorchServe in the foreground (the container's main process, under tini -g).
-# Its working folder is $TS_KEY_ROOT/$POD_NAME on the shared key volume, so the key_file.json it
-# writes at start is where the fleet file tells clients to read it (deploy/kubernetes/make_fleet.py).
+# It binds 127.0.0.1 with its own token authorization off (config.properties): nginx, in the
+# same pod, is what listens on the pod IP. The root filesystem is read-only: TorchServe's working
+# folder, logs, pid file and unpacked archives live on the /tmp emptyDir.
 # Environment (set by statefulset.yaml):
 #   POD_NAME      the pod's name (downward API), e.g. ts-0
 #   TS_CONFIG     config.properties from the ConfigMap   MODEL_STORE  the model store volume
 #   TS_MODELS     archives of the store to load at start, space-separated (the ts-models ConfigMap)
-#   TS_KEY_ROOT   the key volume [/keys]                 LOG_LOCATION TorchServe's log folder
+#   LOG_LOCATION  TorchServe's log folder
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -21,15 +22,12 @@ for mar in "${models[@]}"; do
     [ -f "$MODEL_STORE/$mar" ] || die "$mar (TS_MODELS) is not in the model store $MODEL_STORE"
 done
 
-key_dir="${TS_KEY_ROOT:-/keys}/$POD_NAME"
-mkdir -p "$key_dir" || die "cannot create $key_dir: the key volume must be writable by uid $(id -u) or gid $(id -g)"
-chmod 0700 "$key_dir"  # TorchServe writes the file 0600; the folder stays private to the same uid
-rm -f "$key_dir/key_file.json"  # a previous container's keys: clients must not use them
-mkdir -p "${LOG_LOCATION:-/tmp/torchserve/logs}"
+work="${TMPDIR:-/tmp}/torchserve"
+mkdir -p "$work" "${LOG_LOCATION:-$work/logs}"
 rm -f "${TMPDIR:-/tmp}/.model_server.pid"  # /tmp (an emptyDir) outlives a container restart
-cd "$key_dir"  # TorchServe writes key_file.json in its working folder
+cd "$work"  # TorchServe writes into its working folder; the image's /app is read-only
 
-echo "start-torchserve: $POD_NAME, keys in $key_dir, models: ${models[*]:-none}"
+echo "start-torchserve: $POD_NAME, models: ${models[*]:-none}"
 # `torchserve --foreground` is a Python launcher waiting on the Java frontend. tini -g sends
 # SIGTERM to the whole process group; the launcher ignores it (a handler, not SIG_IGN, which Java
 # would inherit) so it keeps waiting while the frontend shuts down its workers, then exits with it.
