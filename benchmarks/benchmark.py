@@ -112,7 +112,7 @@ def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.
 
 def limit_pool() -> Executor | None:
     """The decode threads a one-worker handler on this machine gets: one per core (cpu_threads auto)."""
-    threads = batch_inference.count_cpu_threads("auto", 1)
+    threads = device.count_cpu_threads("auto", 1)
     return ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
 
@@ -272,7 +272,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]], Path
     store = WORK / "store"
     store.mkdir(parents=True, exist_ok=True)
     (WORK / "out").mkdir(parents=True, exist_ok=True)
-    bench = Bench(batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), half=False),
+    bench = Bench(batch_inference.load_model(run_dir / "model.pt", torch.device("cpu")),
                   preprocessing.PreprocessConfig.load(run_dir / "preprocess.json"),
                   batch_inference.load_labels(run_dir / "index_to_name.json"), limit_pool(), WORK / "out")
     return run_dir, sets, store, bench

@@ -68,8 +68,8 @@ run = Path(sys.argv[1])
 try:
     labels = load_labels(run / "index_to_name.json")
     cfg = PreprocessConfig.load(run / "preprocess.json")
-    model = load_model(run / "model.pt", torch.device("cpu"), half=False)
-    check_model_outputs(model, cfg, len(labels), torch.device("cpu"), half=False)
+    model = load_model(run / "model.pt", torch.device("cpu"))
+    check_model_outputs(model, cfg, len(labels), torch.device("cpu"))
 except Exception as e:
     sys.exit(f"error: {run}: {e}")
 print(len(labels))
