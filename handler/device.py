@@ -132,8 +132,8 @@ def resolve_precision(requested: str, device: torch.device, reports: dict[str, d
         else:
             report = reports[precision]
             return precision, (f"auto: the fastest this device runs whose agreement report passed "
-                               f"(top-1 agreement {report.get('agreement')}, "
-                               f"accuracy {report.get('accuracy_fp32')} -> {report.get('accuracy')})")
+                               f"(top-1 agreement {report.get('agreement')} %, "
+                               f"accuracy {report.get('accuracy_fp32')} -> {report.get('accuracy')} %)")
     raise AssertionError("AUTO_ORDER ends with fp32")
 
 

@@ -292,3 +292,29 @@ def test_no_test_skips_on_an_in_repo_import():
     for test_file in sorted((ROOT / "tests").glob("*.py")):
         for module in re.findall(r"importorskip\(\s*[\"']([\w.]+)", test_file.read_text()):
             assert module.split(".")[0] not in in_repo, f"{test_file.name}: importorskip({module!r})"
+
+
+class RecordingScaler(torch.amp.GradScaler):
+    """A CPU GradScaler (disabled: no fp16 training on the CPU) whose state stands in for the
+    loss scale a CUDA run learns; it records the state --resume hands back."""
+
+    loaded: list = []
+
+    def state_dict(self):
+        return {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": 7}
+
+    def load_state_dict(self, state):
+        RecordingScaler.loaded.append(state)
+
+
+def test_resume_restores_the_loss_scale(small_lists, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setattr(train.torch.amp, "GradScaler", RecordingScaler)
+    code, err = run_cli(train, train_argv(small_lists, run, "--epochs", "1"), capsys)
+    assert code == 0, err
+    assert torch.load(run / "checkpoint.pth", weights_only=False)["scaler"]["scale"] == 1024.0
+    RecordingScaler.loaded.clear()
+    code, err = run_cli(train, train_argv(small_lists, run, "--epochs", "2", "--resume"), capsys)
+    assert code == 0, err
+    assert RecordingScaler.loaded == [RecordingScaler().state_dict()]  # not a fresh 65536
