@@ -253,6 +253,18 @@ def test_check_served_refuses_real_differences(served, message):
     assert figures["disagree"] == 1 and any(message in p for p in problems), problems
 
 
+def test_check_served_tolerance_follows_the_precision_served():
+    # 3e-2 off: beyond fp32's and fp16's tolerance, within bf16's (8 significant bits).
+    reference = [torch.tensor([0.60, 0.40, 0.0])]
+    rows = [served_row([0.60 - 3e-2, 0.40 + 3e-2, 0.0])]
+    tolerances = check_served.TOLERANCES
+    assert check_served.compare_rows(rows, reference, LABELS, tolerances["bf16"])[0] == []
+    for precision in ("fp32", "fp16"):
+        assert check_served.compare_rows(rows, reference, LABELS, tolerances[precision])[0], precision
+    parser = check_served.get_args_parser()
+    assert parser.parse_args(["r", "x.jsonl", "--root", "v"]).precision == "fp32"
+
+
 def test_check_served_refuses_an_error_row():
     row = {"path": "x.png", "status": "error", "error": "HTTP 503"}
     problems, _ = check_served.compare_rows([row], [None], LABELS)
