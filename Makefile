@@ -2,13 +2,19 @@
 PY := .venv/bin/python
 DEMO := demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-gpu demo bench clean
 
 install:
 	@bash scripts/install.sh
 
 test: install
 	$(PY) -m pytest -q
+
+# What a machine with a GPU runs: every test marked `cuda` (tests/test_cuda.py and the rest),
+# none skipped for want of a device. Fails at once where CUDA is unusable.
+test-gpu: install
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no usable CUDA device here')"
+	$(PY) -m pytest -q -m cuda
 
 demo: install
 	@bash scripts/demo.sh

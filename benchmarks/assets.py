@@ -132,9 +132,9 @@ def ensure_captum(site: Path) -> Path:
     return site
 
 
-def archive_project(run_dir: Path, store: Path, name: str, version: str = "1.0", **env: str) -> str:
-    """This project's .mar, made by scripts/archive.sh exactly as users make it."""
-    subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(run_dir), name, version, "--force"],
+def archive_project(run_dir: Path, store: Path, name: str, version: str = "1.0", *flags: str, **env: str) -> str:
+    """This project's .mar, made by scripts/archive.sh exactly as users make it (`flags` passed on)."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "archive.sh"), str(run_dir), name, version, "--force", *flags],
                    check=True, env={**os.environ, "MODEL_STORE": str(store), **env}, stdout=subprocess.DEVNULL)
     return f"{name}-{version}.mar"
 

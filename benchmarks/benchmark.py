@@ -47,7 +47,7 @@ from client.local_server import LocalServer
 from client.results import percentile
 from client import pixels
 from core.torchserve import Keys, TorchServe, new_session
-from handler import batch_inference, preprocessing, request_decoding
+from handler import batch_inference, device as devices, preprocessing, request_decoding
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,8 @@ def median_result(results: list[Result]) -> Result:
 
 
 def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.PreprocessConfig,
-                  labels: list[str], batch_size: int, pool: Executor | None) -> Result:
+                  labels: list[str], batch_size: int, pool: Executor | None,
+                  dtype: torch.dtype = torch.float32) -> Result:
     """The handler's own steps in this process, batch by batch: read, decode (in `pool`), forward, top-k.
 
     Pipelined as a real pipeline on this many cores runs: the next batch decodes while the model
@@ -84,7 +85,7 @@ def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.
     batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
 
     def predict(tensors: list[torch.Tensor]) -> list[list[dict]]:
-        return batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, False), 5, labels)
+        return batch_inference.top_k(batch_inference.forward_batch(model, tensors, device, dtype), 5, labels)
 
     def decode(batch: list[Path]) -> tuple[float, list]:
         rows = [{"body": path.read_bytes()} for path in batch]
@@ -112,7 +113,7 @@ def measure_limit(files: list[Path], model: torch.nn.Module, cfg: preprocessing.
 
 def limit_pool() -> Executor | None:
     """The decode threads a one-worker handler on this machine gets: one per core (cpu_threads auto)."""
-    threads = batch_inference.count_cpu_threads("auto", 1)
+    threads = devices.count_cpu_threads("auto", 1)
     return ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
 
@@ -228,6 +229,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=None,
                         help="classify_dir.py --concurrency (default: classify_dir.py's own default)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock handler")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="handler.precision values to measure (limit, served, client each); bf16 is "
+                             "left out on a CPU without native bf16")
     parser.add_argument("--tune", nargs="+", metavar="SPEC", default=None,
                         help="measure served variants beside the current one, e.g. 'workers=2,threads=1' "
                              "(keys: name batch delay workers threads concurrency preprocess handler=REV|DIR "
@@ -246,14 +250,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 class Bench:
     """What every measurement of one run shares: the model, its preprocessing, the limit's threads."""
 
-    model: torch.nn.Module
+    models: dict[str, torch.nn.Module]  # by precision, each loaded as the handler loads it
     cfg: preprocessing.PreprocessConfig
     labels: list[str]
     pool: Executor | None
     out: Path  # classify_dir.py's result files
 
-    def limit(self, files: list[Path], batch_size: int) -> Result:
-        return measure_limit(files, self.model, self.cfg, self.labels, batch_size, self.pool)
+    def limit(self, files: list[Path], batch_size: int, precision: str = "fp32") -> Result:
+        return measure_limit(files, self.models[precision], self.cfg, self.labels, batch_size, self.pool,
+                             devices.DTYPES[precision])
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]], Path, Bench]:
@@ -272,16 +277,36 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]], Path
     store = WORK / "store"
     store.mkdir(parents=True, exist_ok=True)
     (WORK / "out").mkdir(parents=True, exist_ok=True)
-    bench = Bench(batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), half=False),
+    bench = Bench({p: batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), p)
+                   for p in precisions(args)},
                   preprocessing.PreprocessConfig.load(run_dir / "preprocess.json"),
                   batch_inference.load_labels(run_dir / "index_to_name.json"), limit_pool(), WORK / "out")
     return run_dir, sets, store, bench
 
 
-def start_servers(run_dir: Path, store: Path, stock: bool) -> dict[str, LocalServer]:
-    """The served and (unless `stock` is false) the stock server; stopped by the caller."""
-    servers = {"served": LocalServer(WORK / "servers" / "served", store,
-                                     [assets.archive_project(run_dir, store, "bench")], start_timeout=180)}
+def precisions(args: argparse.Namespace) -> list[str]:
+    """--precisions, less bf16 on a CPU without native bf16 (said once)."""
+    wanted = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if "bf16" in wanted and not devices.cpu_has_native_bf16():
+        print("benchmark: this CPU has no native bf16: fp32 only", flush=True)
+        wanted.remove("bf16")
+    return wanted
+
+
+def server_key(precision: str) -> str:
+    return "served" if precision == "fp32" else f"served-{precision}"
+
+
+def start_servers(run_dir: Path, store: Path, stock: bool, served_precisions: list[str]) -> dict[str, LocalServer]:
+    """One server per precision (each worker alone on the cores, as the limit is) and, unless
+    `stock` is false, the stock server; stopped by the caller. The model is random weights:
+    no agreement report to gate on (--no-precision-check)."""
+    servers = {}
+    for precision in served_precisions:
+        archive = assets.archive_project(run_dir, store, "bench", precision, "--precision", precision,
+                                         "--no-precision-check")
+        servers[server_key(precision)] = LocalServer(WORK / "servers" / server_key(precision), store, [archive],
+                                                     start_timeout=180)
     if stock:
         site = assets.ensure_captum(WORK / "site")
         servers["stock"] = LocalServer(WORK / "servers" / "stock", store,
@@ -291,62 +316,75 @@ def start_servers(run_dir: Path, store: Path, stock: bool) -> dict[str, LocalSer
 
 
 def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], bench: Bench,
-                args: argparse.Namespace) -> tuple[list[dict], dict[int, float], str | None]:
-    """Limit sweep, warm-up, then interleaved rounds of limit, served and stock: rows, sweep, warning."""
+                args: argparse.Namespace) -> tuple[list[dict], dict[str, dict[int, float]], str | None]:
+    """Per precision: limit sweep, warm-up, then interleaved rounds of limit, served, client (and
+    stock, with fp32): rows, sweeps by precision, warning."""
     folder, count = files[0].parent, len(files)
     sizes = [b for b in (int(v) for v in args.batch_sizes.split(",")) if b <= count]
-    bench.limit(files[:sizes[-1]], sizes[-1])  # warm-up
-    sweep = {b: median_result([bench.limit(files, b) for _ in range(args.runs)]).images_s for b in sizes}
-    best = max(sweep, key=sweep.get)
-    print(f"{name}: limit by batch size (images/s): "
-          + ", ".join(f"{b}: {v:.1f}" for b, v in sweep.items()) + f"; best {best}", flush=True)
+    sweeps, best = {}, {}
+    for precision in bench.models:
+        bench.limit(files[:sizes[-1]], sizes[-1], precision)  # warm-up
+        sweeps[precision] = {b: median_result([bench.limit(files, b, precision) for _ in range(args.runs)]).images_s
+                             for b in sizes}
+        best[precision] = max(sweeps[precision], key=sweeps[precision].get)
+        print(f"{name} {precision}: limit by batch size (images/s): "
+              + ", ".join(f"{b}: {v:.1f}" for b, v in sweeps[precision].items()) + f"; best {best[precision]}",
+              flush=True)
     # Untimed warm-up: the frontend's JIT needs a few hundred requests of a size to settle
     # (docs/benchmark.md: its CPU per 12 MP request falls by about 3x), and the first batches are slow.
-    for _ in range(WARMUP_PASSES):
-        measure_served(servers["served"], "bench", folder, count, bench.out / "warmup.jsonl",
-                       args.concurrency)
+    for precision in bench.models:
+        for mode in ("server", "client"):
+            for _ in range(WARMUP_PASSES):
+                measure_served(servers[server_key(precision)], "bench", folder, count, bench.out / "warmup.jsonl",
+                               args.concurrency, mode)
     if "stock" in servers:
         measure_stock(servers["stock"], "stock", files)
-    for _ in range(WARMUP_PASSES):
-        measure_served(servers["served"], "bench", folder, count, bench.out / "warmup.jsonl",
-                       args.concurrency, "client")
-    runs: dict[str, list[Result]] = {"limit": [], "served": [], "client": [], "stock": []}
+    keys = [(precision, path) for precision in bench.models for path in ("limit", "served", "client")]
+    runs: dict[tuple[str, str], list[Result]] = {key: [] for key in keys + [("fp32", "stock")]}
     sent = {mode: request_bytes(files, servers["served"], "bench", mode) for mode in ("server", "client")}
     for i in range(args.runs):
-        runs["limit"].append(bench.limit(files, best))
-        runs["served"].append(measure_served(servers["served"], "bench", folder, count,
-                                             bench.out / f"served-{name}-{i}.jsonl", args.concurrency))
-        runs["client"].append(measure_served(servers["served"], "bench", folder, count,
-                                             bench.out / f"client-{name}-{i}.jsonl", args.concurrency,
-                                             "client"))
-        runs["served"][-1].request_bytes, runs["client"][-1].request_bytes = sent["server"], sent["client"]
+        for precision in bench.models:
+            server = servers[server_key(precision)]
+            runs[precision, "limit"].append(bench.limit(files, best[precision], precision))
+            for path, mode in (("served", "server"), ("client", "client")):
+                result = measure_served(server, "bench", folder, count,
+                                        bench.out / f"{path}-{precision}-{name}-{i}.jsonl", args.concurrency, mode)
+                result.request_bytes = sent[mode]
+                runs[precision, path].append(result)
         if "stock" in servers:
-            runs["stock"].append(measure_stock(servers["stock"], "stock", files))
-        done = ", ".join(f"{p} {r[-1].images_s:.1f}/s" for p, r in runs.items() if r)
+            runs["fp32", "stock"].append(measure_stock(servers["stock"], "stock", files))
+        done = ", ".join(f"{p} {k} {r[-1].images_s:.1f}/s" for (p, k), r in runs.items() if r)
         print(f"{name} round {i + 1}: {done}; load {load_average()}", flush=True)
-    runs = {p: r for p, r in runs.items() if r}
-    medians = {p: median_result(r) for p, r in runs.items()}
+    runs = {key: r for key, r in runs.items() if r}
+    medians = {key: median_result(r) for key, r in runs.items()}
     spread = max(max(x.images_s for x in r) / min(x.images_s for x in r) for r in runs.values())
     warning = None
     if spread > DISTURBED_SPREAD:
         warning = (f"{SET_TITLES[name]}: runs of one path differ up to {spread:.2f}x (load average "
                    f"{load_average()}): the machine was busy; rerun for clean figures")
         print(f"warning: {warning}", flush=True)
-    labels = {"limit": f"limit (in-process, pipelined, batch {best})",
-              "served": "served, --preprocess server", "client": "served, --preprocess client",
-              "stock": "stock image_classifier"}
     rows = []
-    for path, result in medians.items():
-        row = {"set": name, "images": count, "path": path, "label": labels[path], **asdict(result)}
+    for (precision, path), result in medians.items():
+        labels = {"limit": f"limit (in-process, pipelined, batch {best[precision]})",
+                  "served": "served, --preprocess server", "client": "served, --preprocess client",
+                  "stock": "stock image_classifier"}
+        row = {"set": name, "images": count, "path": path, "precision": precision,
+               "label": f"{labels[path]}, {precision}", **asdict(result)}
         if path in ("served", "client"):
-            row["served_limit"] = result.images_s / medians["limit"].images_s
-            row["served_stock"] = result.images_s / medians["stock"].images_s if "stock" in medians else None
+            row["served_limit"] = result.images_s / medians[precision, "limit"].images_s
+            stock = medians.get(("fp32", "stock"))
+            row["served_stock"] = result.images_s / stock.images_s if stock else None
         if path == "client":  # issue 12's targets: against server mode on the same server
-            server_mode = medians["served"]
+            server_mode = medians[precision, "served"]
             row["fewer_bytes"] = server_mode.request_bytes / result.request_bytes
             row["server_cpu_share"] = server_cpu(result) / server_cpu(server_mode)
+        if precision != "fp32" and path != "stock":  # issue 18: the lower precision against fp32
+            reference = medians["fp32", path]
+            row["vs_fp32"] = result.images_s / reference.images_s
+            if "workers" in result.cpu_ms:
+                row["workers_cpu_vs_fp32"] = result.cpu_ms["workers"] / reference.cpu_ms["workers"]
         rows.append(row)
-    return rows, sweep, warning
+    return rows, sweeps, warning
 
 
 def server_cpu(result: Result) -> float:
@@ -362,8 +400,8 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
     (WORK / "results").mkdir(exist_ok=True)
     (WORK / "results" / "latest.json").write_text(
         json.dumps({"machine": machine, "rows": rows, "sweeps": sweeps}, indent=2))
-    sweep_text = "; ".join(f"{SET_TITLES[s]}: " + ", ".join(f"{b}: {v:.1f}" for b, v in sw.items())
-                           for s, sw in sweeps.items())
+    sweep_text = "; ".join(f"{SET_TITLES[s]} {p}: " + ", ".join(f"{b}: {v:.1f}" for b, v in sw.items())
+                           for s, by_precision in sweeps.items() for p, sw in by_precision.items())
     warning_lines = [f"**Warning**: {w}.  " for w in warnings] + [""] if warnings else []
     block = [f"## Results (`make bench`, {time.strftime('%Y-%m-%d %H:%M')}, {elapsed / 60:.1f} min)", "",
              f"Machine: {machine}; load average at the end {load_average()}.  ",
@@ -400,7 +438,7 @@ def main(args: argparse.Namespace) -> None:
     rows, sweeps, warnings = [], {}, []
     servers: dict[str, LocalServer] = {}
     try:
-        servers = start_servers(run_dir, store, stock=not args.no_stock)
+        servers = start_servers(run_dir, store, stock=not args.no_stock, served_precisions=precisions(args))
         for server in servers.values():
             server.start()
         print(f"benchmark: servers ready after {time.perf_counter() - started:.0f}s", flush=True)

@@ -17,6 +17,9 @@ TARGET_LIMIT, TARGET_STOCK = 0.9, 3.0  # issue 6: served/limit on both sets, ser
 # of server mode, and serves >= 0.95x the in-process limit
 TARGET_FEWER_BYTES, TARGET_SERVER_CPU, TARGET_CLIENT_LIMIT = 15.0, 0.5, 0.95
 SERVED_PATHS = ("served", "client")
+# issue 18, bf16 against fp32 in one run: images/s on the PNGs >= 1.4x (served), on the photos in
+# client mode >= 1.15x; the workers' CPU per image <= 0.6x fp32's; bf16 served >= 0.9x the bf16 limit.
+TARGET_BF16_PNG, TARGET_BF16_PHOTO, TARGET_BF16_WORKERS = 1.4, 1.15, 0.6
 SET_TITLES = {"png": "digit PNGs (32x32)", "photo": "12 MP camera JPEGs"}
 
 
@@ -65,7 +68,18 @@ def format_targets(rows: list[dict]) -> str:
     lines = ["| target | set | measured | |", "| --- | --- | ---: | --- |"]
     for row in (r for r in rows if r["path"] in SERVED_PATHS):
         checks: list[tuple[str, float, float, bool]] = []  # name, value, goal, higher is better
-        if row["path"] == "served":
+        if row.get("precision", "fp32") != "fp32":
+            p = row["precision"]
+            if row["set"] == "png" and row["path"] == "served":
+                checks += [(f"{p} served >= 1.4x fp32's images/s", row["vs_fp32"], TARGET_BF16_PNG, True),
+                           (f"{p} served >= 0.9x the {p} limit", row["served_limit"], TARGET_LIMIT, True)]
+            if row["set"] == "photo" and row["path"] == "client":
+                checks.append((f"{p} client mode >= 1.15x fp32's images/s", row["vs_fp32"],
+                               TARGET_BF16_PHOTO, True))
+            if row.get("workers_cpu_vs_fp32"):
+                checks.append((f"{p} {row['path']}: workers' CPU per image <= 0.6x fp32's",
+                               row["workers_cpu_vs_fp32"], TARGET_BF16_WORKERS, False))
+        elif row["path"] == "served":
             checks.append(("served (server mode) >= 0.9x limit", row["served_limit"], TARGET_LIMIT, True))
             if row["set"] == "photo" and row.get("served_stock"):
                 checks.append(("served (server mode) >= 3x stock", row["served_stock"], TARGET_STOCK, True))
@@ -90,13 +104,14 @@ def format_cpu_table(rows: list[dict]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     names = {"served": "served, server mode", "client": "served, client mode"}
     for row in rows:
+        precision = row.get("precision", "fp32")
         cpu = row["cpu_ms"]
         client = cpu.get("client", cpu.get("this process", 0.0))
         parts = [f"{client:.1f}"] + [f"{cpu[k]:.1f}" if k in cpu else "-"
                                      for k in ("frontend (Java)", "workers")]
         server = cpu.get("frontend (Java)", 0.0) + cpu.get("workers", 0.0)
         parts.append(f"{server:.1f}" if "workers" in cpu else "-")
-        lines.append(f"| {SET_TITLES[row['set']]} | {names.get(row['path'], row['path'])} | "
+        lines.append(f"| {SET_TITLES[row['set']]} | {names.get(row['path'], row['path'])}, {precision} | "
                      f"{sum(cpu.values()):.1f} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
@@ -108,12 +123,14 @@ def write_chart(rows: list[dict], png: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = ["limit", "served", "client", "stock"]
-    colours = {"limit": "#9e9e9e", "served": "#1f77b4", "client": "#2ca02c", "stock": "#ff7f0e"}
+    paths = ["limit", "served", "client", "stock", "limit bf16", "served bf16", "client bf16"]
+    colours = {"limit": "#9e9e9e", "served": "#1f77b4", "client": "#2ca02c", "stock": "#ff7f0e",
+               "limit bf16": "#cfcfcf", "served bf16": "#6baed6", "client bf16": "#74c476"}
     sets = [s for s in SETS if any(r["set"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.5 * len(sets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4), squeeze=False)
     for ax, name in zip(axes[0], sets, strict=True):
-        values = {r["path"]: r["images_s"] for r in rows if r["set"] == name}
+        values = {r["path"] + ("" if r.get("precision", "fp32") == "fp32" else f" {r['precision']}"): r["images_s"]
+                  for r in rows if r["set"] == name}
         shown = [p for p in paths if p in values]
         bars = ax.bar(shown, [values[p] for p in shown], color=[colours[p] for p in shown])
         ax.bar_label(bars, fmt="%.1f")

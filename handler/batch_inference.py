@@ -1,7 +1,6 @@
 """The handler's settings, model loading, batched forward pass and top-k answers."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -11,11 +10,11 @@ from typing import Callable
 import torch
 
 from handler import preprocessing
+from handler.device import DTYPES, PRECISIONS
 from handler.labels import load_labels  # noqa: F401 - the handler reads index_to_name.json with it
 
 BadImage = preprocessing.BadImage
 logger = logging.getLogger(__name__)
-PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -25,8 +24,8 @@ class HandlerSettings:
     topk: int = 5  # capped at the number of classes when answering
     max_pixels: int = preprocessing.DEFAULT_MAX_PIXELS
     max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES  # pixels x bytes of the mode
-    precision: str = "fp32"  # fp16 applies on CUDA only: CPU half kernels are slow or missing
-    cpu_threads: int | str = "auto"  # auto: cores // maxWorkers, so workers x threads <= cores
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only) | auto: see handler/device.py
+    cpu_threads: int | str = "auto"  # auto: cores // running workers, so workers x threads <= cores
 
 
 def parse_settings(model_yaml: dict | None) -> HandlerSettings:
@@ -52,66 +51,59 @@ def parse_settings(model_yaml: dict | None) -> HandlerSettings:
     return settings
 
 
-def count_cpu_threads(setting: int | str, workers: int, cores: int | None = None) -> int:
-    """Torch threads for one worker: the setting, or cores // workers (at least 1) for 'auto'."""
-    if setting != "auto":
-        return int(setting)
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, int(workers)))
-
-
-def select_device(system_properties: dict) -> torch.device:
-    """cuda:<gpu_id> when CUDA is available and TorchServe gave a GPU, else the CPU."""
-    gpu_id = system_properties.get("gpu_id")
-    if torch.cuda.is_available() and gpu_id is not None:
-        return torch.device(f"cuda:{int(gpu_id)}")
-    return torch.device("cpu")
-
-
-def load_model(path: str | os.PathLike, device: torch.device, half: bool) -> torch.jit.ScriptModule:
-    """Load the TorchScript model onto `device`, in eval mode and optionally in fp16.
-
-    On the CPU it is also frozen and optimised for inference (batch norm folded into the
-    convolutions, oneDNN kernels); docs/benchmark.md's tuning log has what that gains.
-    """
+def load_model(path: str | os.PathLike, device: torch.device, precision: str = "fp32") -> torch.jit.ScriptModule:
+    """Load the TorchScript model onto `device` and prepare it to serve at `precision`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the format
         model = torch.jit.load(str(path), map_location=device)
-        model.eval()
-        if half:
-            return model.half()
-        if device.type == "cpu":
-            try:
-                return torch.jit.optimize_for_inference(torch.jit.freeze(model))
-            except Exception as e:  # noqa: BLE001 - an unusual model still serves, unoptimised
-                logger.warning("serving %s unoptimised: freezing it failed (%s: %s)", path,
-                               type(e).__name__, e)
+    return prepare_model(model, DTYPES[precision], channels_last=device.type == "cuda",
+                         optimize=device.type == "cpu", name=str(path))
+
+
+def prepare_model(model: torch.jit.ScriptModule, dtype: torch.dtype, *, channels_last: bool, optimize: bool,
+                  name: str = "model.pt") -> torch.jit.ScriptModule:
+    """Eval mode, weights in `dtype` (and channels_last), then frozen; oneDNN-optimised on the CPU.
+
+    The order matters: converting after freezing leaves the folded constants in fp32, and a
+    half input against them failed (a segfault, once). channels_last weights match the
+    channels_last input, so cuDNN does not convert every weight on every call. On the CPU
+    optimize_for_inference moves the convolutions to oneDNN (docs/benchmark.md has the gain).
+    """
+    model.eval()
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            frozen = torch.jit.freeze(model)
+            return torch.jit.optimize_for_inference(frozen) if optimize else frozen
+    except Exception as e:  # noqa: BLE001 - an unusual model still serves, unoptimised
+        logger.warning("serving %s unfrozen: freezing it failed (%s: %s)", name, type(e).__name__, e)
     return model
 
 
 def check_model_outputs(model: torch.nn.Module, cfg: preprocessing.PreprocessConfig, num_labels: int,
-                        device: torch.device, half: bool) -> None:
+                        device: torch.device, dtype: torch.dtype = torch.float32) -> None:
     """Run one blank image through the model; its class count must match the labels."""
     blank = torch.zeros(3, *cfg.image_size)
-    classes = forward_batch(model, [blank], device, half).shape[1]
+    classes = forward_batch(model, [blank], device, dtype).shape[1]
     if classes != num_labels:
         raise ValueError(f"model.pt outputs {classes} classes but index_to_name.json names {num_labels}")
 
 
 def forward_batch(model: torch.nn.Module, tensors: list[torch.Tensor], device: torch.device,
-                  half: bool) -> torch.Tensor:
-    """One batched forward pass -> float32 softmax probabilities N x C on the CPU."""
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One batched forward pass at `dtype` -> float32 softmax probabilities N x C on the CPU."""
     batch = torch.stack(tensors)
     if device.type == "cuda":
         # Pinned host memory lets the copy run asynchronously with the host's work.
         batch = batch.pin_memory().to(device, non_blocking=True)
-    batch = batch.contiguous(memory_format=torch.channels_last)
-    if half:
-        batch = batch.half()
+    batch = batch.to(dtype).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         logits = model(batch)
-        probabilities = torch.softmax(logits.float(), dim=1)  # fp32 softmax: fp16 sums lose digits
+        probabilities = torch.softmax(logits.float(), dim=1)  # fp32 softmax: half sums lose digits
     return probabilities.cpu()
 
 
@@ -124,18 +116,68 @@ def top_k(probabilities: torch.Tensor, k: int, labels: list[str]) -> list[list[d
             for row_values, row_indices in zip(values, indices)]
 
 
+class AcceleratorFailure(RuntimeError):
+    """The accelerator failed in a way that leaves its context unusable: the worker must end."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+def is_fatal_accelerator_error(error: BaseException) -> bool:
+    """An accelerator error other than out-of-memory (illegal address, device-side assert, ECC):
+    after one, every later CUDA call fails, so answering 500s forever would keep a dead worker READY."""
+    if is_out_of_memory(error):
+        return False
+    if isinstance(error, getattr(torch, "AcceleratorError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error"))
+
+
+def release_accelerator_memory() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def predict_in_pieces(tensors: list[torch.Tensor],
+                      predict: Callable[[list[torch.Tensor]], list[list[dict]]]) -> list:
+    """predict(tensors); out of memory, the cache is released and each half tried alone, down to
+    one image, so every image gets its own answer (a 500 only for one that does not fit alone)."""
+    try:
+        predictions = predict(tensors)
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is handled here
+        if not is_out_of_memory(e):
+            raise
+        release_accelerator_memory()
+        if len(tensors) == 1:
+            logger.error("out of memory on a single image: %s", e)
+            return [BadImage(500, "inference failed: out of accelerator memory for this image alone")]
+        logger.warning("out of memory on a batch of %d images; retrying it in halves", len(tensors))
+        half = len(tensors) // 2
+        return predict_in_pieces(tensors[:half], predict) + predict_in_pieces(tensors[half:], predict)
+    if len(predictions) != len(tensors):
+        raise RuntimeError(f"{len(predictions)} predictions for {len(tensors)} images")
+    return predictions
+
+
 def answer_batch(items: list[torch.Tensor | BadImage],
                  predict: Callable[[list[torch.Tensor]], list[list[dict]]]) -> list[list[dict] | BadImage]:
-    """Predict the decoded items in one call; refused items and a failed forward become BadImage."""
+    """Predict the decoded items in one call; refused items and a failed forward become BadImage.
+
+    An accelerator failure other than out-of-memory is raised as AcceleratorFailure: the caller
+    must end the worker rather than answer from a broken CUDA context.
+    """
     good = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
     answers: list = list(items)
     if not good:
         return answers
     try:
-        predictions = predict([items[i] for i in good])
-        if len(predictions) != len(good):
-            raise RuntimeError(f"{len(predictions)} predictions for {len(good)} images")
+        predictions = predict_in_pieces([items[i] for i in good], predict)
     except Exception as e:  # noqa: BLE001 - the worker must answer every request, not die
+        if is_fatal_accelerator_error(e):
+            raise AcceleratorFailure(f"{type(e).__name__}: {e}") from e
         logger.exception("forward pass failed for a batch of %d images", len(good))
         failure = BadImage(500, f"inference failed: {type(e).__name__}: {e}")
         predictions = [failure] * len(good)

@@ -7,6 +7,7 @@ escapes handle(), so one corrupt upload never costs the batch or the worker.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,9 +16,11 @@ import torch
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import batch_inference, pixel_payload, preprocessing, request_decoding
+from handler import batch_inference, device, pixel_payload, preprocessing, request_decoding
 
 logger = logging.getLogger(__name__)
+THREADS_RECHECK_S = 10.0  # how often `cpu_threads: auto` recounts the workers running
+WORKER_EXIT_CODE = 70  # a worker ended on an accelerator failure (EX_SOFTWARE)
 
 
 class ClassifierHandler(BaseHandler):
@@ -31,28 +34,51 @@ class ClassifierHandler(BaseHandler):
         self.settings = batch_inference.parse_settings(model_yaml)
         preprocessing.configure_pillow(self.settings.max_pixels)
         request_decoding.watch_repeated_fields(Service)  # two `data` parts must not merge unseen
-        self.device = batch_inference.select_device(properties)
-        self.half = self.settings.precision == "fp16" and self.device.type == "cuda"
-        workers = model_yaml.get("maxWorkers") or model_yaml.get("minWorkers") or 0
-        threads = batch_inference.count_cpu_threads(self.settings.cpu_threads, workers)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        # The batch's images decode in as many threads (Pillow releases the GIL): 12 MP JPEGs
-        # otherwise keep one core busy while the other waits for the forward pass.
-        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
+        device.use_full_fp32()  # before any model runs: fp32 must not silently be TF32
+        self.device = device.select_device(properties)
+        self.reports = device.read_reports(model_dir)
+        self.precision, reason = device.resolve_precision(self.settings.precision, self.device, self.reports)
+        self.dtype = device.DTYPES[self.precision]
+        self.precision_reason = reason
+        # auto: cores // workers of this server now running; rechecked as workers come and go.
+        self.configured_workers = int(model_yaml.get("minWorkers") or 1)
+        self.decode_pool = None
+        self.threads_checked = 0.0
+        self.adjust_threads()
         self.preprocess_config = preprocessing.PreprocessConfig.load(model_dir / "preprocess.json")
         self.labels = batch_inference.load_labels(model_dir / "index_to_name.json")
         serialized = ((context.manifest or {}).get("model") or {}).get("serializedFile", "model.pt")
-        self.model = batch_inference.load_model(model_dir / serialized, self.device, self.half)
+        self.model = batch_inference.load_model(model_dir / serialized, self.device, self.precision)
         batch_inference.check_model_outputs(self.model, self.preprocess_config, len(self.labels),
-                                            self.device, self.half)
+                                            self.device, self.dtype)
         self.manifest = context.manifest
         self.model_version = str(((context.manifest or {}).get("model") or {}).get("modelVersion") or "")
         self.context = context
         self.initialized = True
-        logger.info("classifier ready: %d classes, input %s, device %s, %s, %d torch threads",
+        logger.info("classifier ready: %d classes, input %s, device %s, precision %s (%s), %d torch threads",
                     len(self.labels), list(self.preprocess_config.image_size), self.device,
-                    "fp16" if self.half else "fp32", torch.get_num_threads())
+                    self.precision, reason, torch.get_num_threads())
+
+    def adjust_threads(self) -> None:
+        """Torch and decode threads for the workers now running (CPU and GPU workers alike)."""
+        now = time.monotonic()
+        if self.threads_checked and (self.settings.cpu_threads != "auto"
+                                     or now - self.threads_checked < THREADS_RECHECK_S):
+            return
+        self.threads_checked = now
+        workers = device.count_running_workers() or self.configured_workers
+        threads = device.count_cpu_threads(self.settings.cpu_threads, workers)
+        if threads == torch.get_num_threads() and self.decode_pool is not None:
+            return
+        if threads != torch.get_num_threads():
+            logger.info("%d worker(s) running: %d torch threads", workers, threads)
+        torch.set_num_threads(threads)
+        # The batch's images decode in as many threads (Pillow releases the GIL): 12 MP JPEGs
+        # otherwise keep one core busy while the other waits for the forward pass.
+        old, self.decode_pool = self.decode_pool, (
+            ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None)
+        if old is not None:
+            old.shutdown(wait=True)  # idle: handle() calls this before decoding
 
     def preprocess(self, data: list) -> list:
         """Request rows -> per row a 3 x H x W tensor or the BadImage that refused it."""
@@ -62,7 +88,7 @@ class ClassifierHandler(BaseHandler):
 
     def inference(self, data: list[torch.Tensor], *args, **kwargs) -> torch.Tensor:
         """Decoded images -> softmax probabilities N x C from one batched forward pass."""
-        return batch_inference.forward_batch(self.model, data, self.device, self.half)
+        return batch_inference.forward_batch(self.model, data, self.device, self.dtype)
 
     def postprocess(self, data: torch.Tensor) -> list[list[dict]]:
         """Probabilities -> per image the top-k labels, highest first."""
@@ -77,6 +103,9 @@ class ClassifierHandler(BaseHandler):
             "max_pixels": self.settings.max_pixels,
             "max_decoded_bytes": self.settings.max_decoded_bytes,
             "topk": self.settings.topk,
+            "precision": {"served": self.precision, "configured": self.settings.precision,
+                          "why": self.precision_reason, "device": str(self.device),
+                          "agreement_reports": self.reports},
         }
 
     def handle(self, data: list, context) -> list:
@@ -88,8 +117,16 @@ class ClassifierHandler(BaseHandler):
         # BaseHandler.handle routes it to describe_handle, and this override must too.
         describe = [i for i in range(len(data)) if is_describe(context, i)]
         rows = [row for i, row in enumerate(data) if i not in describe]
-        answers = batch_inference.answer_batch(
-            self.preprocess(rows), lambda tensors: self.postprocess(self.inference(tensors)))
+        self.adjust_threads()
+        try:
+            answers = batch_inference.answer_batch(
+                self.preprocess(rows), lambda tensors: self.postprocess(self.inference(tensors)))
+        except batch_inference.AcceleratorFailure as e:
+            # The CUDA context is broken for good: end the worker, so that TorchServe answers this
+            # batch with errors, the model stops counting as READY and a fresh worker replaces it.
+            logger.critical("accelerator failure, ending the worker: %s", e)
+            end_worker()
+            raise
         for i in describe:
             answers.insert(i, self.describe_handle())
         bodies = request_decoding.format_responses(answers, context, self.model_version)
@@ -105,3 +142,9 @@ def is_describe(context, idx: int) -> bool:
         return context.get_request_header(idx, "describe") == "True"
     except (AttributeError, IndexError, KeyError, TypeError):  # a context without request headers
         return False
+
+
+def end_worker() -> None:
+    """Exit the worker process now (logs flushed); TorchServe starts a replacement."""
+    logging.shutdown()
+    os._exit(WORKER_EXIT_CODE)

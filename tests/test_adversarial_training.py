@@ -253,6 +253,18 @@ def test_check_served_refuses_real_differences(served, message):
     assert figures["disagree"] == 1 and any(message in p for p in problems), problems
 
 
+def test_check_served_tolerance_follows_the_precision_served():
+    # 3e-2 off: beyond fp32's and fp16's tolerance, within bf16's (8 significant bits).
+    reference = [torch.tensor([0.60, 0.40, 0.0])]
+    rows = [served_row([0.60 - 3e-2, 0.40 + 3e-2, 0.0])]
+    tolerances = check_served.TOLERANCES
+    assert check_served.compare_rows(rows, reference, LABELS, tolerances["bf16"])[0] == []
+    for precision in ("fp32", "fp16"):
+        assert check_served.compare_rows(rows, reference, LABELS, tolerances[precision])[0], precision
+    parser = check_served.get_args_parser()
+    assert parser.parse_args(["r", "x.jsonl", "--root", "v"]).precision == "fp32"
+
+
 def test_check_served_refuses_an_error_row():
     row = {"path": "x.png", "status": "error", "error": "HTTP 503"}
     problems, _ = check_served.compare_rows([row], [None], LABELS)
@@ -292,3 +304,29 @@ def test_no_test_skips_on_an_in_repo_import():
     for test_file in sorted((ROOT / "tests").glob("*.py")):
         for module in re.findall(r"importorskip\(\s*[\"']([\w.]+)", test_file.read_text()):
             assert module.split(".")[0] not in in_repo, f"{test_file.name}: importorskip({module!r})"
+
+
+class RecordingScaler(torch.amp.GradScaler):
+    """A CPU GradScaler (disabled: no fp16 training on the CPU) whose state stands in for the
+    loss scale a CUDA run learns; it records the state --resume hands back."""
+
+    loaded: list = []
+
+    def state_dict(self):
+        return {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": 7}
+
+    def load_state_dict(self, state):
+        RecordingScaler.loaded.append(state)
+
+
+def test_resume_restores_the_loss_scale(small_lists, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setattr(train.torch.amp, "GradScaler", RecordingScaler)
+    code, err = run_cli(train, train_argv(small_lists, run, "--epochs", "1"), capsys)
+    assert code == 0, err
+    assert torch.load(run / "checkpoint.pth", weights_only=False)["scaler"]["scale"] == 1024.0
+    RecordingScaler.loaded.clear()
+    code, err = run_cli(train, train_argv(small_lists, run, "--epochs", "2", "--resume"), capsys)
+    assert code == 0, err
+    assert RecordingScaler.loaded == [RecordingScaler().state_dict()]  # not a fresh 65536

@@ -164,3 +164,44 @@ def test_refuses_labels_that_do_not_match_the_model(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "outputs 3 classes but index_to_name.json names 1" in result.stderr
     assert not (tmp_path / "store" / "tiny-1.mar").exists()
+
+
+def packaged(mar: Path) -> tuple[set[str], dict]:
+    with zipfile.ZipFile(mar) as z:
+        return set(z.namelist()), yaml.safe_load(z.read("model-config.yaml"))
+
+
+def test_precision_needs_a_passing_report_on_this_model(tmp_path):
+    from training.agreement import file_sha256
+
+    run = make_tiny_run(tmp_path / "run")
+    store = tmp_path / "store"
+    refused = archive(str(run), "tiny", "1", "--precision", "bf16", cwd=ROOT, store=store)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--precision bf16 needs a passing agreement report (precision-bf16.json; none found)" in refused.stderr
+    assert "--check-precision bf16" in refused.stderr and not list(store.glob("*.mar"))
+    # A passing report on another model.pt does not count.
+    report = {"precision": "bf16", "passed": True, "agreement": 100.0, "model_sha256": "0" * 64}
+    (run / "precision-bf16.json").write_text(json.dumps(report))
+    stale = archive(str(run), "tiny", "1", "--precision", "auto", cwd=ROOT, store=store)
+    assert stale.returncode == 2 and "precision-bf16.json found but not passed for this model.pt" in stale.stderr
+    report["model_sha256"] = file_sha256(run / "model.pt")
+    (run / "precision-bf16.json").write_text(json.dumps(report))
+    done = archive(str(run), "tiny", "1", "--precision", "bf16", cwd=ROOT, store=store)
+    assert done.returncode == 0, done.stderr
+    names, config = packaged(store / "tiny-1.mar")
+    assert names == MAR_FILES | {"precision-bf16.json"} and config["handler"]["precision"] == "bf16"
+    assert config["batchSize"] == 8 and config["handler"]["topk"] == 5  # every other setting as before
+
+
+def test_no_precision_check_packages_without_a_report(tmp_path):
+    run = make_tiny_run(tmp_path / "run")
+    result = archive(str(run), "tiny", "1", "--precision=fp16", "--no-precision-check", cwd=ROOT,
+                     store=tmp_path / "store")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("precision fp16)")
+    names, config = packaged(tmp_path / "store" / "tiny-1.mar")
+    assert names == MAR_FILES and config["handler"]["precision"] == "fp16"
+    bad = archive(str(run), "tiny", "2", "--precision", "int8", cwd=ROOT, store=tmp_path / "store")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: --precision int8: expected fp32, bf16, fp16 or auto"

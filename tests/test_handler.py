@@ -19,8 +19,9 @@ from torch import nn
 from ts.context import Context, RequestProcessor
 from ts.metrics.metrics_store import MetricsStore
 
-from handler import preprocessing
+from handler import batch_inference, classifier_handler, device, preprocessing
 from handler.classifier_handler import ClassifierHandler
+from handler.device import available_cores
 from tests.image_zoo import (BLUE, DOMINANT_CHANNEL, GREEN, RED, encode, exif_rotated_jpeg_bytes, png_bytes,
                              zoo_files)
 from tests.tiny_model import make_tiny_run
@@ -123,9 +124,11 @@ def test_initialize_reads_run_folder_and_settings(served):
     handler, _ = served
     assert handler.labels == ["class_0", "class_1", "class_2"]
     assert handler.preprocess_config.image_size == (8, 8)
-    assert handler.device == torch.device("cpu") and handler.half is False
+    assert handler.device == torch.device("cpu") and handler.precision == "fp32"
+    assert handler.dtype == torch.float32
     assert handler.settings.topk == MODEL_YAML["handler"]["topk"]
-    assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // MODEL_YAML["maxWorkers"])
+    # Outside TorchServe no worker processes are found: the configured minWorkers count.
+    assert torch.get_num_threads() == max(1, available_cores() // MODEL_YAML["minWorkers"])
 
 
 def test_preprocess_stage_gives_normalised_tensors_and_per_row_errors(served):
@@ -299,21 +302,6 @@ def test_handler_module_defines_exactly_one_class():
     assert not hasattr(module, "handle")  # a module-level handle() would be taken as the entry point
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fp16, pinned memory)")
-def test_cuda_half_precision_matches_fp32(handler_factory, run_dir):
-    config = {**MODEL_YAML, "handler": {**MODEL_YAML["handler"], "precision": "fp16"}}
-    handler, context = handler_factory(run_dir, config, gpu_id=0)
-    assert handler.device == torch.device("cuda:0") and handler.half
-    assert next(handler.model.parameters()).dtype == torch.float16
-    colours = [RED, GREEN, BLUE, (128, 64, 200)]
-    bodies, statuses = call_handle(handler, context, [{"body": png_bytes(c)} for c in colours])
-    assert statuses == [200] * 4
-    for body, colour in zip(bodies, colours):
-        expected = expected_probabilities(colour)
-        for answer in body:
-            assert answer["probability"] == pytest.approx(expected[answer["index"]], abs=2e-3)
-
-
 def test_grayscale_colour_mode_from_preprocess_json(handler_factory, tmp_path):
     run_dir = make_tiny_run(tmp_path / "run")
     cfg = json.loads((run_dir / "preprocess.json").read_text())
@@ -322,3 +310,74 @@ def test_grayscale_colour_mode_from_preprocess_json(handler_factory, tmp_path):
     tensor = handler.preprocess([{"body": encode(Image.new("RGB", (8, 8), RED), "PNG")}])[0]
     luminance = round(255 * 299 / 1000) / 255  # PIL's L = 0.299 R (+ 0.587 G + 0.114 B)
     torch.testing.assert_close(tensor, torch.full((3, 8, 8), (luminance - 0.5) / 0.5), rtol=0, atol=1e-6)
+
+
+def with_precision(precision: str) -> dict:
+    return {**MODEL_YAML, "handler": {**MODEL_YAML["handler"], "precision": precision}}
+
+
+@pytest.mark.skipif(not device.cpu_has_native_bf16(), reason="this CPU has no native bf16 (avx512_bf16/amx)")
+def test_bf16_on_a_cpu_that_has_it_answers_close_to_fp32(handler_factory, run_dir):
+    handler, context = handler_factory(run_dir, with_precision("bf16"))
+    assert handler.precision == "bf16" and handler.dtype == torch.bfloat16
+    colours = [RED, GREEN, BLUE, (128, 64, 200)]
+    bodies, statuses = call_handle(handler, context, [{"body": png_bytes(c)} for c in colours])
+    assert statuses == [200] * 4
+    for body, colour in zip(bodies, colours):
+        expected = expected_probabilities(colour)
+        for answer in body:  # bf16 rounds inputs and weights to 8 bits of mantissa: 2^-8 relative
+            assert answer["probability"] == pytest.approx(expected[answer["index"]], abs=1e-2)
+
+
+def test_bf16_on_a_cpu_without_it_refuses_to_start(handler_factory, run_dir, monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)  # pretend the flag is absent
+    with pytest.raises(device.DeviceError, match="precision bf16: the CPU cannot run it: no native bf16"):
+        handler_factory(run_dir, with_precision("bf16"))
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_auto_serves_bf16_only_with_the_capability_and_a_passing_report(handler_factory, tmp_path,
+                                                                          monkeypatch, has_bf16):
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: has_bf16)  # pretended either way
+    run_dir = make_tiny_run(tmp_path / "run")
+    report = {"precision": "bf16", "passed": True, "agreement": 1.0, "accuracy_fp32": 1.0, "accuracy": 1.0}
+    (run_dir / "precision-bf16.json").write_text(json.dumps(report))
+    handler, context = handler_factory(run_dir, with_precision("auto"))
+    assert handler.precision == ("bf16" if has_bf16 else "fp32")
+    described = handler.describe_handle()["precision"]
+    assert described["served"] == handler.precision and described["configured"] == "auto"
+    assert described["agreement_reports"] == {"bf16": report}
+    assert ("no native bf16" in described["why"]) is not has_bf16
+
+
+def test_an_accelerator_failure_ends_the_worker(handler_factory, run_dir, monkeypatch):
+    # The forward pass raises what a broken CUDA context raises (no GPU here); end_worker is
+    # replaced so that the test process survives to see it called.
+    ended = []
+    monkeypatch.setattr(classifier_handler, "end_worker", lambda: ended.append(1))
+    handler, context = handler_factory(run_dir)
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    handler.model = Broken()
+    with pytest.raises(batch_inference.AcceleratorFailure):
+        call_handle(handler, context, [{"body": png_bytes(RED)}])
+    assert ended == [1]
+
+
+def test_auto_threads_follow_the_workers_running(handler_factory, run_dir, monkeypatch):
+    # The archive says one worker; `manage.py scale --min 2` started a second: the count of
+    # worker processes (replaced here by a number) decides, not minWorkers or maxWorkers.
+    monkeypatch.setattr(device, "available_cores", lambda *a: 8)
+    running = [1]
+    monkeypatch.setattr(device, "count_running_workers", lambda *a, **k: running[0])
+    handler, context = handler_factory(run_dir)
+    assert torch.get_num_threads() == 8 and handler.decode_pool._max_workers == 8
+    running[0] = 2
+    call_handle(handler, context, [{"body": png_bytes(RED)}])
+    assert torch.get_num_threads() == 8  # rechecked only every THREADS_RECHECK_S
+    handler.threads_checked -= classifier_handler.THREADS_RECHECK_S
+    bodies, statuses = call_handle(handler, context, [{"body": png_bytes(RED)}])
+    assert statuses == [200] and torch.get_num_threads() == 4 and handler.decode_pool._max_workers == 4

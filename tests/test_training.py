@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from handler.preprocessing import PreprocessConfig, load_tensor
-from training import export, lists, train
+from handler import device
+from training import agreement, export, lists, train
 from training.dataset import ImageListDataset, read_list
 from core.errors import UserError, run_main
 from training.labels import load_labels
@@ -195,7 +196,7 @@ def test_export_fails_loudly_on_mismatch(tmp_path, monkeypatch):
 
 # --- training smoke test ---------------------------------------------------------
 
-def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
+def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys, monkeypatch):
     assert run_cli(lists, [str(digits), "--out", str(tmp_path / "lists")], capsys)[0] == 0
     out = tmp_path / "run"
     argv = ["--train-list", str(tmp_path / "lists/train.list"),
@@ -232,6 +233,25 @@ def test_train_two_epochs_on_real_digits(digits, tmp_path, capsys):
     code, err = run_cli(train, resume, capsys)
     assert code == 0, err
     assert [h["epoch"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2, 3]
+    resumed = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert resumed["scaler"] == checkpoint["scaler"] == {}  # no loss scaling on the CPU: saved all the same
+    # The agreement gate on this run. bf16 is pretended present where the CPU lacks it (its kernels
+    # then emulate it, slowly but correctly): what is tested is the gate, not the hardware.
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    gate = ["--checkpoint", str(out / "checkpoint.pth"), "--check-precision", "bf16"]
+    code, err = run_cli(export, gate + ["--min-agreement", "90", "--max-accuracy-drop", "5"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "precision-bf16.json").read_text())
+    assert report["images"] == len((tmp_path / "lists/val.list").read_text().splitlines())
+    assert report["passed"] and report["min_agreement"] == 90 and report["max_accuracy_drop"] == 5
+    assert report["agreement"] >= 90 and abs(report["accuracy_fp32"] - report["accuracy"]) <= 5
+    # bf16 keeps 8 significant bits: probabilities move by about 1e-2, never by 0.5.
+    assert 0 <= report["p99_probability_difference"] <= report["max_probability_difference"] < 0.5
+    assert report["model_sha256"] == agreement.file_sha256(out / "model.pt")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    code, err = run_cli(export, gate, capsys)
+    assert code == 2 and err.strip() == ("error: --check-precision bf16: the CPU cannot run it: no native bf16 "
+                                         "(none of the flags avx512_bf16, amx_bf16 in /proc/cpuinfo)")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -260,3 +280,27 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     expected = f"error: {tmp_path / 'train.list'}:1: image not found: {tmp_path / 'missing.png'}"
     assert result.stderr.strip() == expected
+
+
+def test_precision_gate_verdict_and_its_one_line_failure(tmp_path, capsys, monkeypatch):
+    figures = {"precision": "bf16", "agreement": 99.4, "accuracy_fp32": 97.0, "accuracy": 96.4}
+    assert agreement.verdict({**figures, "agreement": 99.5, "accuracy": 96.5}, 99.5, 0.5) == []
+    assert agreement.verdict(figures, 99.5, 0.5) == [
+        "top-1 agreement with fp32 99.40 % < 99.5 %",
+        "accuracy 96.40 % is 0.60 points under fp32's 97.00 % (> 0.5)"]
+    assert agreement.verdict(figures, 99, 1) == []  # the flags move both thresholds
+    # The CLI on a failing measurement (measure replaced: the figures above, no model run).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"model")
+    monkeypatch.setattr(export, "load_checkpoint", lambda path: {"args": {"val_list": "val.list"}})
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(agreement, "measure", lambda *a: {**figures, "device": "the CPU", "images": 500,
+                                                          "max_probability_difference": 0.02,
+                                                          "p99_probability_difference": 0.01,
+                                                          "seconds_fp32": 1.0, "seconds": 0.5})
+    code, err = run_cli(export, ["--checkpoint", str(run / "checkpoint.pth"), "--check-precision", "bf16"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: precision gate failed: top-1 agreement with fp32 99.40 % < 99.5 %; accuracy")
+    report = json.loads((run / "precision-bf16.json").read_text())
+    assert report["passed"] is False and len(report["failures"]) == 2

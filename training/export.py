@@ -1,4 +1,8 @@
-"""Export a trained checkpoint to TorchScript and prove the saved file matches the eager model."""
+"""Export a trained checkpoint to TorchScript and prove the saved file matches the eager model.
+
+With --check-precision P, check instead that the run's model.pt served at P agrees with fp32
+on the validation list (training/agreement.py) and write RUN/precision-P.json.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +15,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import load_checkpoint
-from core.errors import run_main
+from core.errors import Refused, UserError, run_main
 
 TOLERANCE = 1e-5  # max abs logit difference allowed between eager and reloaded TorchScript
 
@@ -81,16 +85,65 @@ def model_from_checkpoint(checkpoint: dict) -> nn.Module:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__)
+    from training import agreement
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth written by training.train")
     parser.add_argument("--out", default=None,
                         help="TorchScript file to write (default: model.pt beside the checkpoint)")
+    parser.add_argument("--check-precision", choices=["bf16", "fp16"], default=None,
+                        help="instead of exporting: the agreement gate of model.pt served at this precision "
+                             "against fp32, written to precision-P.json beside the checkpoint")
+    parser.add_argument("--val-list", default=None,
+                        help="list file for the gate (default: the --val-list the run was trained with)")
+    parser.add_argument("--device", default=None,
+                        help="device for the gate, e.g. cpu or cuda:0 (default: cuda:0 when CUDA is usable)")
+    parser.add_argument("--min-agreement", type=float, default=agreement.MIN_AGREEMENT,
+                        help="gate: least %% of images whose top-1 label equals fp32's (default: %(default)s)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=agreement.MAX_ACCURACY_DROP,
+                        help="gate: most accuracy points lost against fp32 (default: %(default)s)")
     return parser
+
+
+def check_precision(args: argparse.Namespace, checkpoint: dict, run_dir: Path) -> None:
+    """The agreement gate: write the report; one line and exit 1 when it fails."""
+    from handler import device as devices
+    from training import agreement
+
+    if not 0 <= args.min_agreement <= 100 or args.max_accuracy_drop < 0:
+        raise UserError(f"--min-agreement {args.min_agreement:g} must be 0..100 and "
+                        f"--max-accuracy-drop {args.max_accuracy_drop:g} at least 0")
+    val_list = args.val_list or (checkpoint.get("args") or {}).get("val_list")
+    if not val_list:
+        raise UserError(f"{args.checkpoint}: names no validation list; pass --val-list")
+    where = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    devices.use_full_fp32()
+    lack = devices.missing_capability(where, args.check_precision)
+    if lack:
+        raise UserError(f"--check-precision {args.check_precision}: {devices.describe_device(where)} cannot "
+                        f"run it: {lack}")
+    model_file = run_dir / "model.pt"
+    if not model_file.is_file():
+        raise UserError(f"{model_file}: not found; export the run first")
+    figures = agreement.measure(run_dir, args.check_precision, val_list, where)
+    report = agreement.write_report(run_dir, figures, args.min_agreement, args.max_accuracy_drop)
+    summary = (f"{args.check_precision} on {report['device']}: top-1 agreement {report['agreement']:.2f} %, "
+               f"accuracy {report['accuracy_fp32']:.2f} -> {report['accuracy']:.2f} %, max probability "
+               f"difference {report['max_probability_difference']:.1e} (p99 "
+               f"{report['p99_probability_difference']:.1e}), {report['images']} images, "
+               f"{report['seconds_fp32']:.1f} s fp32 / {report['seconds']:.1f} s; report "
+               f"{agreement.report_path(run_dir, args.check_precision)}")
+    if not report["passed"]:
+        raise Refused(f"precision gate failed: {'; '.join(report['failures'])} ({summary})")
+    print(f"precision gate passed: {summary}")
 
 
 def main(args: argparse.Namespace) -> None:
     path = Path(args.checkpoint)
     checkpoint = load_checkpoint(path)
+    if args.check_precision:
+        check_precision(args, checkpoint, path.parent)
+        return
     image_size = tuple(checkpoint["preprocess"]["image_size"])
     out = Path(args.out) if args.out else path.parent / "model.pt"
     difference = export_torchscript(model_from_checkpoint(checkpoint), out, image_size)

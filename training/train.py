@@ -220,6 +220,8 @@ def main(args: argparse.Namespace) -> None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):  # the loss scale learned so far, not 65536 again
+                scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. --freeze-backbone changed since
             raise UserError(f"--resume: {checkpoint_path} does not fit this run's flags "
                             f"({str(e).strip().splitlines()[0][:160]})") from None
@@ -245,7 +247,7 @@ def main(args: argparse.Namespace) -> None:
               f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f}s")
         save_checkpoint({"model": model.state_dict(), "best_model": best_state,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "args": vars(args), "arch": args.arch, "classes": classes,
+                         "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args), "arch": args.arch, "classes": classes,
                          "preprocess": cfg.to_dict(), "history": history, "best_acc": best_acc},
                         checkpoint_path)
     train_seconds = time.perf_counter() - start

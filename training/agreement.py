@@ -1,0 +1,94 @@
+"""The agreement gate: a run's validation list through fp32 and a lower precision, served alike.
+
+Both passes load model.pt with the handler's own code (handler.batch_inference.load_model:
+weights converted, then frozen) and run batches of 8 through its forward_batch, so the
+report speaks of what a worker would serve. `python -m training.export --check-precision P`
+writes RUN/precision-P.json; scripts/archive.sh packages it, and `auto` in the handler reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from handler import batch_inference, device as devices
+from handler.preprocessing import PreprocessConfig, load_tensor
+from training.dataset import read_list
+from training.labels import load_labels
+
+MIN_AGREEMENT = 99.5  # % of images whose top-1 label equals fp32's
+MAX_ACCURACY_DROP = 0.5  # accuracy points the lower precision may lose against fp32
+BATCH_SIZE = 8  # the handler's batchSize in model-config.yaml
+
+
+def report_path(run_dir: str | Path, precision: str) -> Path:
+    return Path(run_dir) / devices.REPORT_PATTERN.format(precision)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def served_probabilities(run_dir: Path, precision: str, images: list[torch.Tensor],
+                         where: torch.device) -> tuple[torch.Tensor, float]:
+    """Softmax of model.pt served at `precision`, in batches as the handler runs them; and seconds."""
+    model = batch_inference.load_model(run_dir / "model.pt", where, precision)
+    dtype = devices.DTYPES[precision]
+    start = time.perf_counter()
+    rows = [batch_inference.forward_batch(model, images[i:i + BATCH_SIZE], where, dtype)
+            for i in range(0, len(images), BATCH_SIZE)]
+    return torch.cat(rows), time.perf_counter() - start
+
+
+def measure(run_dir: str | Path, precision: str, val_list: str | Path, where: torch.device) -> dict:
+    """The figures of the report (no verdict): agreement, accuracies, probability differences, time."""
+    run_dir = Path(run_dir)
+    labels = load_labels(run_dir / "index_to_name.json")
+    samples = read_list(val_list, labels)
+    cfg = PreprocessConfig.load(run_dir / "preprocess.json")
+    images = [load_tensor(path, cfg) for path, _ in samples]
+    truth = torch.tensor([label for _, label in samples])
+    reference, seconds_fp32 = served_probabilities(run_dir, "fp32", images, where)
+    lower, seconds = served_probabilities(run_dir, precision, images, where)
+    per_image = (reference - lower).abs().max(dim=1).values
+    top1_fp32, top1 = reference.argmax(dim=1), lower.argmax(dim=1)
+    return {
+        "precision": precision, "device": devices.describe_device(where), "images": len(samples),
+        "agreement": round(100 * (top1 == top1_fp32).float().mean().item(), 4),
+        "accuracy_fp32": round(100 * (top1_fp32 == truth).float().mean().item(), 4),
+        "accuracy": round(100 * (top1 == truth).float().mean().item(), 4),
+        "max_probability_difference": per_image.max().item(),
+        "p99_probability_difference": torch.quantile(per_image, 0.99).item(),
+        "seconds_fp32": round(seconds_fp32, 3), "seconds": round(seconds, 3),
+        "model_sha256": file_sha256(run_dir / "model.pt"), "val_list": str(Path(val_list).resolve()),
+    }
+
+
+def verdict(figures: dict, min_agreement: float, max_accuracy_drop: float) -> list[str]:
+    """What fails the gate (nothing: [])."""
+    failures = []
+    if figures["agreement"] < min_agreement:
+        failures.append(f"top-1 agreement with fp32 {figures['agreement']:.2f} % < {min_agreement:g} %")
+    drop = figures["accuracy_fp32"] - figures["accuracy"]
+    if drop > max_accuracy_drop:
+        failures.append(f"accuracy {figures['accuracy']:.2f} % is {drop:.2f} points under fp32's "
+                        f"{figures['accuracy_fp32']:.2f} % (> {max_accuracy_drop:g})")
+    return failures
+
+
+def write_report(run_dir: str | Path, figures: dict, min_agreement: float, max_accuracy_drop: float) -> dict:
+    """Add the thresholds and the verdict to `figures` and write RUN/precision-P.json."""
+    failures = verdict(figures, min_agreement, max_accuracy_drop)
+    report = {**figures, "min_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop,
+              "passed": not failures, "failures": failures,
+              "written": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    report_path(run_dir, figures["precision"]).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
