@@ -32,10 +32,15 @@ DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as
 def run_command(members: list[Member], args: argparse.Namespace) -> str:
     """Do the subcommand on every replica (one server: a fleet of one); return its summary. list and
     describe read every replica at once and flag version skew; the writes go replica by replica."""
-    if args.command == "rollout":
-        return rollout(members, args)
     if args.command in ("list", "describe"):
         return read_replicas(members, args)
+    readers = [m.name for m in members if m.server.keys.token_file and not m.server.keys.management_token_file]
+    if readers:  # the front proxy lets the inference token read, never write: say so before any change
+        raise UserError(f"{args.command} changes the server, and behind the front proxy that needs the "
+                        f"management token: give {', '.join(readers)} a management_token_file "
+                        f"(--management-token-file for one server)")
+    if args.command == "rollout":
+        return rollout(members, args)
     label = (lambda m: f"{m.name}: ") if len(members) > 1 else (lambda m: "")
     return "\n".join(label(m) + change(m, args) for m in members)
 

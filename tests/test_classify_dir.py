@@ -347,3 +347,36 @@ def test_rows_report_the_version_that_was_default_when_sent(server, tmp_path):
     finally:
         manage("PUT", "/models/tiny/1.0/set-default")
         manage("DELETE", "/models/tiny/2.0")
+
+
+@pytest.mark.integration
+def test_exit_codes_a_batch_scheduler_acts_on(server, tmp_path):
+    """A shard with one corrupt image succeeds (0) with its error row; more bad files than
+    --max-failed-share fail the run (1); a usage error is never worth a retry (2)."""
+    root = tmp_path / "imgs"
+    paths = write_images(root, 30)
+    (root / "red" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    output = tmp_path / "shard-0.jsonl"
+    result = run_client(server, root, output, "--shard", "0/1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["path"]: r for r in read_rows(output)}
+    assert set(rows) == {*paths, "red/corrupt.png"}
+    assert rows["red/corrupt.png"]["status"] == "error" and rows["red/corrupt.png"]["http_status"] == 400
+    strict = run_client(server, root, tmp_path / "strict.jsonl", "--max-failed-share", "0")
+    assert strict.returncode == 1 and "more than --max-failed-share 0" in strict.stderr, strict.stderr
+    usage = run_client(server, root, tmp_path / "u.jsonl", "--max-failed-share", "2")
+    assert usage.returncode == 2 and usage.stderr.startswith("error: --max-failed-share must be between")
+
+
+@pytest.mark.integration
+def test_resume_refuses_the_rows_of_another_model_version(server, tmp_path):
+    root = tmp_path / "imgs"
+    write_images(root, 6)
+    output = tmp_path / "rows.jsonl"
+    assert run_client(server, root, output).returncode == 0
+    rows = output.read_text().replace(f'"model_version": "{server.version}"', '"model_version": "0.9"')
+    output.write_text(rows)  # as if written before a rollout
+    result = run_client(server, root, output, "--resume")
+    assert result.returncode == 2 and "a row of tiny version 0.9, and this run's version is" in result.stderr
+    assert output.read_text() == rows  # refused before anything was rewritten
+    assert run_client(server, root, output, "--resume", "--allow-mixed-versions").returncode == 0
