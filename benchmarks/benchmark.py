@@ -43,11 +43,12 @@ from benchmarks.report import (
     write_chart,
     write_markdown,
 )
+from client import pixels
 from client.local_server import LocalServer
 from client.results import percentile
-from client import pixels
 from core.torchserve import Keys, TorchServe, new_session
-from handler import batch_inference, device as devices, preprocessing, request_decoding
+from handler import batch_inference, preprocessing, request_decoding
+from handler import device as devices
 
 ROOT = Path(__file__).resolve().parents[1]
 

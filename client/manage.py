@@ -23,7 +23,7 @@ from client.fleet import replicas_from_args
 from client.rollout import rollout
 from client.versions import Member, locate_mar, register, snapshots, unregister, version_skew
 from core.errors import Refused, ServerUnavailable, UserError, run_main
-from core.torchserve import REPO_ROOT, add_server_flags, format_version
+from core.torchserve import REPO_ROOT, TorchServe, add_server_flags, format_version
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
 DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh
@@ -68,11 +68,33 @@ def change(m: Member, args: argparse.Namespace) -> str:
     return f"unregister: {args.name} {args.version} removed; versions left: {', '.join(left) or 'none'}"
 
 
-def describe_lines(entries: list[dict], default: str | None, prefix: str = "") -> list[str]:
-    """Each version's line, then one line per worker."""
+def precision_line(server: TorchServe, name: str, version: str) -> str | None:
+    """What precision a version serves and why, with its agreement report (the handler's describe)."""
+    try:
+        entry = next(iter(server.describe(name, version, customized="true")), {})
+        metadata = entry.get("customizedMetadata")
+        metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+        info = metadata["precision"]
+    except (ServerUnavailable, Refused, ValueError, TypeError, KeyError, AttributeError):
+        return None  # another handler, no worker to answer, or an older archive: nothing to say
+    line = f"precision {info.get('served')} on {info.get('device')} ({info.get('why')})"
+    report = (info.get("agreement_reports") or {}).get(info.get("served"))
+    if isinstance(report, dict):
+        line += (f"; agreement with fp32 {report.get('agreement')} % on {report.get('images')} images, "
+                 f"report {'passed' if report.get('passed') else 'FAILED'}")
+    return line
+
+
+def describe_lines(entries: list[dict], default: str | None, prefix: str = "",
+                   server: TorchServe | None = None) -> list[str]:
+    """Each version's line, its precision (asked of the handler when `server` is given), then one line
+    per worker."""
     lines = []
     for entry in entries:
         lines.append(prefix + format_version(entry, default))
+        precision = server and precision_line(server, entry["modelName"], entry["modelVersion"])
+        if precision:
+            lines.append(f"{prefix}  {precision}")
         for w in entry.get("workers", []):
             memory = int(w.get("memoryUsage") or 0)  # 0 until TorchServe first measures it
             lines.append(f"{prefix}  worker {w.get('id')}: {w.get('status')}, pid {w.get('pid')}, "
@@ -104,7 +126,8 @@ def read_replicas(members: list[Member], args: argparse.Namespace) -> str:
             for name, (default, entries) in s.models.items():
                 entries = [e for e in entries if getattr(args, "version", None) in (None, e["modelVersion"])]
                 if args.command == "describe":
-                    lines += describe_lines(entries, default, prefix)
+                    server = next(m.server for m in members if m.name == s.replica)
+                    lines += describe_lines(entries, default, prefix, server)
                 else:
                     lines += [prefix + format_version(entry, default) for entry in entries]
         readable = [s for s in snaps if not s.error]

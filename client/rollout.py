@@ -13,8 +13,17 @@ from pathlib import Path
 
 import requests
 
-from client.versions import (API_ERRORS, Member, locate_mar, read_manifest, register, say, snapshots,
-                             unregister, version_skew)
+from client.versions import (
+    API_ERRORS,
+    Member,
+    locate_mar,
+    read_manifest,
+    register,
+    say,
+    snapshots,
+    unregister,
+    version_skew,
+)
 from core.errors import Refused, RolledBack, ServerUnavailable, UserError
 from core.files import IMAGE_EXTENSIONS, iter_files, true_label_of
 from core.torchserve import TorchServe, server_message

@@ -476,5 +476,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """scripts/serve.sh's helper: wait for a server, or print its status."""
     sys.exit(main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    cli()

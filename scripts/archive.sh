@@ -3,7 +3,7 @@
 #   scripts/archive.sh RUN_DIR NAME VERSION [--force] [--precision fp32|bf16|fp16|auto] [--no-precision-check]
 # --precision writes handler.precision into the packaged model-config.yaml (default fp32). Any
 # other precision needs RUN_DIR/precision-P.json, a passing report of
-# `python -m training.export --check-precision P` on this model.pt (auto: at least one), unless
+# `python scripts/export.py --check-precision P` on this model.pt (auto: at least one), unless
 # --no-precision-check (models of random weights, as the benchmark's). The reports travel in the .mar.
 # MODEL_STORE (environment) picks the store; default: model_store/ in the repository.
 # HANDLER_DIR (a copy of handler/, e.g. an older revision to measure against) and MODEL_CONFIG
@@ -113,7 +113,7 @@ if check and precision != "fp32" and not set(wanted) & set(passing):
     found_text = f"{', '.join(found)} found but not passed for this model.pt" if found else "none found"
     sys.exit(f"error: {run}: --precision {precision} needs a passing agreement report "
              f"({' or '.join(REPORT_PATTERN.format(p) for p in wanted)}; {found_text}); run "
-             f"python -m training.export --checkpoint {run}/checkpoint.pth --check-precision "
+             f"python scripts/export.py --checkpoint {run}/checkpoint.pth --check-precision "
              f"{wanted[0]}, or pass --no-precision-check")
 (work / "model-config.yaml").write_text(
     f"# Written by scripts/archive.sh from {config_path.name}, handler.precision set to {precision}.\n"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from client import sending
-from core import errors, torchserve
 from client.local_server import free_ports
+from core import errors, torchserve
 from tests.conftest import archive, rows_written, wait_for, write_images
 from tests.test_classify_dir import client_args, read_rows, run_client
 

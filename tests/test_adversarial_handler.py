@@ -18,11 +18,21 @@ import pytest
 import requests
 from PIL import Image
 
+from core import torchserve
 from handler import preprocessing
 from handler.preprocessing import DEFAULT_MAX_DECODED_BYTES, BadImage, open_image, to_uint8
-from core import torchserve
-from tests.image_zoo import (GREEN, RED, big_gray16_png_bytes, cut_jpeg_with_end_marker, encode,
-                             gradient_jpeg_bytes, jpeg_bytes, jpeg_claiming_size, png_bytes, png_header_of)
+from tests.image_zoo import (
+    GREEN,
+    RED,
+    big_gray16_png_bytes,
+    cut_jpeg_with_end_marker,
+    encode,
+    gradient_jpeg_bytes,
+    jpeg_bytes,
+    jpeg_claiming_size,
+    png_bytes,
+    png_header_of,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from core import torchserve
 from client.local_server import free_ports
+from core import torchserve
 from tests.conftest import PYTHON, server_without_models, wait_for, write_images
 from tests.test_manage import MANAGE, clone_mar, default, predict, server_flags, versions
 

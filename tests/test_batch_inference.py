@@ -10,8 +10,16 @@ import torch
 from torch import nn
 
 from handler import batch_inference
-from handler.batch_inference import (AcceleratorFailure, HandlerSettings, answer_batch, forward_batch,
-                                     load_labels, parse_settings, prepare_model, top_k)
+from handler.batch_inference import (
+    AcceleratorFailure,
+    HandlerSettings,
+    answer_batch,
+    forward_batch,
+    load_labels,
+    parse_settings,
+    prepare_model,
+    top_k,
+)
 from handler.preprocessing import BadImage
 
 

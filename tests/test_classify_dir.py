@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from client import results, sending
-from core import torchserve, files as walk
 from client.local_server import free_ports
+from core import files as walk
+from core import torchserve
 from tests.conftest import COLORS, PYTHON, REPO, archive, rows_written, wait_for, write_images
 from tests.image_zoo import write_zoo
 

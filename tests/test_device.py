@@ -4,14 +4,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from handler import device
-from handler.device import (DeviceError, available_cores, cgroup_cpu_quota, count_cpu_threads,
-                            count_running_workers, resolve_precision, select_device)
+from handler.device import (
+    DeviceError,
+    available_cores,
+    cgroup_cpu_quota,
+    count_cpu_threads,
+    count_running_workers,
+    resolve_precision,
+    select_device,
+)
 
 CPU = torch.device("cpu")
 PASSED = {"passed": True, "agreement": 1.0, "accuracy_fp32": 0.98, "accuracy": 0.98}

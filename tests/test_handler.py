@@ -22,8 +22,16 @@ from ts.metrics.metrics_store import MetricsStore
 from handler import batch_inference, classifier_handler, device, preprocessing
 from handler.classifier_handler import ClassifierHandler
 from handler.device import available_cores
-from tests.image_zoo import (BLUE, DOMINANT_CHANNEL, GREEN, RED, encode, exif_rotated_jpeg_bytes, png_bytes,
-                             zoo_files)
+from tests.image_zoo import (
+    BLUE,
+    DOMINANT_CHANNEL,
+    GREEN,
+    RED,
+    encode,
+    exif_rotated_jpeg_bytes,
+    png_bytes,
+    zoo_files,
+)
 from tests.tiny_model import make_tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]

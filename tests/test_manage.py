@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from core import errors, torchserve
 from client.local_server import free_ports
 from client.rollout import read_manifest
-from tests.conftest import (COLORS, PYTHON, REPO, rows_written, server_without_models,
-                            wait_for, write_images)
+from core import errors, torchserve
+from tests.conftest import COLORS, PYTHON, REPO, rows_written, server_without_models, wait_for, write_images
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +147,7 @@ def test_register_describe_scale_set_default_unregister_round_trip(mserver, tmp_
     assert lines[0].startswith("trip 1 (default): workers 1 READY") and lines[1].startswith("trip 2: ")
     result = run_manage(srv, "describe", "trip", "2")
     assert result.returncode == 0 and "worker " in result.stdout and ": READY, pid " in result.stdout
+    assert "  precision fp32 on cpu (" in result.stdout  # the handler says what it serves, and why
     result = run_manage(srv, "describe", "trip", "--json")
     assert {v["modelVersion"] for v in json.loads(result.stdout)} == {"1", "2"}
     result = run_manage(srv, "describe", "nosuchmodel")

@@ -10,8 +10,15 @@ from ts.context import Context, RequestProcessor
 
 from handler import request_decoding
 from handler.preprocessing import BadImage, PreprocessConfig
-from handler.request_decoding import (bytes_from_value, decode_base64, decode_batch, error_body,
-                                      extract_image_bytes, format_responses, status_phrase)
+from handler.request_decoding import (
+    bytes_from_value,
+    decode_base64,
+    decode_batch,
+    error_body,
+    extract_image_bytes,
+    format_responses,
+    status_phrase,
+)
 from tests.image_zoo import RED, png_bytes
 
 PNG = png_bytes(RED, (4, 4))

@@ -12,8 +12,8 @@ import requests
 import torch
 from PIL import Image
 
-from handler.preprocessing import PreprocessConfig, load_tensor
 from core import torchserve
+from handler.preprocessing import PreprocessConfig, load_tensor
 from tests.conftest import REPO, make_server, wait_for
 from tests.image_zoo import zoo_files
 

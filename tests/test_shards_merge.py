@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import UserError
 from client.results import FIELDS, RowWriter
 from client.shards import merge_shards, shard_of
+from core.errors import UserError
 from tests.conftest import PYTHON, REPO
 
 MERGE = REPO / "scripts" / "merge_shards.py"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.preprocessing import PreprocessConfig, load_tensor
+from core.errors import UserError, run_main
 from handler import device
+from handler.preprocessing import PreprocessConfig, load_tensor
 from training import agreement, export, lists, train
 from training.dataset import ImageListDataset, read_list
-from core.errors import UserError, run_main
 from training.labels import load_labels
 from training.model import build_model
 from training.sample_data import write_digits

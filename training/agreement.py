@@ -2,7 +2,7 @@
 
 Both passes load model.pt with the handler's own code (handler.batch_inference.load_model:
 weights converted, then frozen) and run batches of 8 through its forward_batch, so the
-report speaks of what a worker would serve. `python -m training.export --check-precision P`
+report speaks of what a worker would serve. `python scripts/export.py --check-precision P`
 writes RUN/precision-P.json; scripts/archive.sh packages it, and `auto` in the handler reads it.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from handler import batch_inference, device as devices
+from handler import batch_inference
+from handler import device as devices
 from handler.preprocessing import PreprocessConfig, load_tensor
 from training.dataset import read_list
 from training.labels import load_labels

@@ -7,14 +7,14 @@ the one preprocessing implementation, so they differ only by float rounding.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from handler.preprocessing import PreprocessConfig, load_tensor
 from core.errors import UserError, run_main
+from core.rows import read_rows
+from handler.preprocessing import PreprocessConfig, load_tensor
 from training.export import load_torchscript
 from training.labels import load_labels
 
@@ -97,12 +97,8 @@ def main(args: argparse.Namespace) -> None:
     results, root = Path(args.results), Path(args.root)
     if not results.is_file():
         raise UserError(f"{results}: results file not found")
-    rows = []
-    for number, line in enumerate(results.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            rows += [json.loads(line)] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise UserError(f"{results}:{number}: not a JSON line ({e.msg})") from None
+    # the client's own reader: a name holding U+2028 or bytes that are not UTF-8 reads back as written
+    rows = [row for _, row in read_rows(results, strict=True)]
     if not rows:
         raise UserError(f"{results}: no rows")
     labels = load_labels(Path(args.run) / "index_to_name.json")
@@ -122,5 +118,10 @@ def main(args: argparse.Namespace) -> None:
     print(f"check_served: {summary}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (scripts/check_served.py)."""
     run_main(main, get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from handler.preprocessing import BadImage, PreprocessConfig, open_image, preprocess
 from core.errors import UserError
+from handler.preprocessing import BadImage, PreprocessConfig, open_image, preprocess
 from training.labels import load_labels
 
 

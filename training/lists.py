@@ -96,5 +96,10 @@ def main(args: argparse.Namespace) -> None:
           "{train.list,val.list,labels.json}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (scripts/make_lists.py)."""
     run_main(main, get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -46,5 +46,10 @@ def main(args: argparse.Namespace) -> None:
     print(f"wrote {count} digit images ({args.size}x{args.size} PNG, 10 classes) to {args.out}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (scripts/sample_digits.py)."""
     run_main(main, get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()

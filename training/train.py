@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from core.errors import UserError, run_main
 from handler.preprocessing import PreprocessConfig, resize, to_tensor
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import ImageListDataset
-from core.errors import UserError, run_main
 from training.export import export_torchscript
 from training.labels import save_labels
 from training.model import build_model, check_input_size, head_parameters
@@ -267,5 +267,10 @@ def main(args: argparse.Namespace) -> None:
           f"{train_seconds:.0f}s; model.pt checked against eager (max diff {difference:.1e}) -> {out}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (scripts/train.py)."""
     run_main(main, get_args_parser().parse_args())
+
+
+if __name__ == "__main__":
+    cli()
