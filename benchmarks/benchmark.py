@@ -46,6 +46,7 @@ from benchmarks.report import (
 from client import pixels
 from client.local_server import LocalServer
 from client.results import percentile
+from core.errors import command
 from core.torchserve import Keys, TorchServe, new_session
 from handler import batch_inference, preprocessing, request_decoding
 from handler import device as devices
@@ -500,10 +501,4 @@ def tune(args: argparse.Namespace, run_dir: Path, sets: dict[str, list[Path]], s
           f"{(time.perf_counter() - started) / 60:.1f} min")
 
 
-def cli() -> None:
-    """The benchmark command (scripts/benchmark.py, `make bench`)."""
-    main(get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from PIL import Image
 
+from core.errors import command
 from handler import preprocessing
 
 
@@ -71,10 +72,4 @@ def main(args: argparse.Namespace) -> None:
           f"{result['ratio']:.1f}x faster; median of {args.runs} runs")
 
 
-def cli() -> None:
-    """The `bench_decode` command (scripts/bench_decode.py)."""
-    main(get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

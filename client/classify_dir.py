@@ -34,7 +34,7 @@ from client.fleet import replicas_from_args
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
 from client.sending import Classifier, Retry, RunCheck, resolve_model
 from client.shards import parse_shard, shard_of
-from core.errors import EXIT_FAILED, EXIT_OK, Refused, ServerUnavailable, UserError, run_main
+from core.errors import EXIT_FAILED, EXIT_OK, Refused, ServerUnavailable, UserError, command
 from core.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, parse_extensions, true_label_of
 from core.torchserve import add_server_flags
 
@@ -356,10 +356,4 @@ def run(args: argparse.Namespace) -> int:
         os._exit(130)
 
 
-def cli() -> None:
-    """The `classify-dir` command (scripts/classify_dir.py)."""
-    run_main(run, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(run, get_args_parser)

@@ -22,7 +22,7 @@ from pathlib import Path
 from client.fleet import replicas_from_args
 from client.rollout import rollout
 from client.versions import Member, locate_mar, register, snapshots, unregister, version_skew
-from core.errors import Refused, ServerUnavailable, UserError, run_main
+from core.errors import Refused, ServerUnavailable, UserError, command
 from core.torchserve import REPO_ROOT, TorchServe, add_server_flags, format_version
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
@@ -268,10 +268,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli() -> None:
-    """The `ts-manage` command (scripts/manage.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

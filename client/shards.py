@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from client.results import FIELDS, RowWriter, read_rows
-from core.errors import UserError, run_main
+from core.errors import UserError, command
 from core.files import DEFAULT_EXTENSIONS, iter_files, parse_extensions
 
 SHOWN = 5  # paths named in an error line; the rest are counted
@@ -205,10 +205,4 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cli() -> None:
-    """The shard merge command (scripts/merge_shards.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

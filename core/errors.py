@@ -65,3 +65,12 @@ def run_main(main: Callable, args) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def command(main: Callable, get_args_parser: Callable) -> Callable[[], None]:
+    """A module's command (what scripts/NAME.py and `python -m` run): parse the flags, run `main`,
+    exit with its code; a known error is one line."""
+    def cli() -> None:
+        run_main(main, get_args_parser().parse_args())
+    cli.__doc__ = f"The command of {main.__module__}."
+    return cli

@@ -434,7 +434,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
         return True
@@ -464,12 +465,12 @@ def main(args: argparse.Namespace) -> int:
     key_file = find_key_file(args.key_file)
     deadline = time.monotonic() + args.timeout
     while not key_file.exists() and time.monotonic() < deadline:  # written at startup
-        if args.pid and not _pid_alive(args.pid):
+        if args.pid and not pid_alive(args.pid):
             break
         time.sleep(0.2)
     server = TorchServe(args.url, args.management_url, Keys(key_file, args.management_url))
     why = wait_ready(server, max(0.0, deadline - time.monotonic()),
-                     alive=lambda: not args.pid or _pid_alive(args.pid))
+                     alive=lambda: not args.pid or pid_alive(args.pid))
     if why:
         print(why, file=sys.stderr)
         return 1

@@ -159,3 +159,41 @@ def running_fleet(servers: list[Server], fleet_file: Path) -> Iterator[Path]:
         for pid in workers:
             if psutil.pid_exists(pid):
                 psutil.Process(pid).kill()
+
+
+class FakeHTTP:
+    """A loopback HTTP server standing in for a server a test must see misbehave: `routes` maps a
+    path to (status, body bytes), or to a function of the path giving them; records each request."""
+
+    def __init__(self, routes: dict):
+        import http.server
+
+        owner = self
+        self.routes, self.requests = routes, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                owner.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                route = owner.routes.get(self.path.split("?")[0], (404, b'{"type": "x"}'))
+                status, body = route(self.path) if callable(route) else route
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

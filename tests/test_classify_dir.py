@@ -42,6 +42,14 @@ def run_client(server, directory: Path, output: Path, *extra: str, timeout: floa
                           capture_output=True, text=True, timeout=timeout)
 
 
+def classified_once(server, tmp_path: Path, count: int) -> tuple[Path, Path]:
+    """`count` images classified once into rows.jsonl: (their folder, the output)."""
+    root, output = tmp_path / "imgs", tmp_path / "rows.jsonl"
+    write_images(root, count)
+    assert run_client(server, root, output).returncode == 0
+    return root, output
+
+
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> tuple[Path, list[str]]:
     """600 images: enough for a run at concurrency 1 to be stopped half-way."""
@@ -210,10 +218,7 @@ def test_exit_codes_0_and_2(server, tmp_path):
 
 @pytest.mark.integration
 def test_wrong_key_is_a_clear_error_and_loses_no_rows(server, tmp_path):
-    root = tmp_path / "imgs"
-    write_images(root, 3)
-    output = tmp_path / "rows.jsonl"
-    assert run_client(server, root, output).returncode == 0
+    root, output = classified_once(server, tmp_path, 3)
     before = output.read_text(encoding="utf-8")
     wrong = tmp_path / "wrong_key_file.json"
     wrong.write_text(json.dumps({kind: {"key": "nottheke"} for kind in ("management", "inference", "API")}))
@@ -371,10 +376,7 @@ def test_exit_codes_a_batch_scheduler_acts_on(server, tmp_path):
 
 @pytest.mark.integration
 def test_resume_refuses_the_rows_of_another_model_version(server, tmp_path):
-    root = tmp_path / "imgs"
-    write_images(root, 6)
-    output = tmp_path / "rows.jsonl"
-    assert run_client(server, root, output).returncode == 0
+    root, output = classified_once(server, tmp_path, 6)
     rows = output.read_text().replace(f'"model_version": "{server.version}"', '"model_version": "0.9"')
     output.write_text(rows)  # as if written before a rollout
     result = run_client(server, root, output, "--resume")

@@ -2,7 +2,6 @@
 (small loopback fakes where a request must be seen), and the server-log reader the drain relies on."""
 from __future__ import annotations
 
-import http.server
 import json
 import threading
 from pathlib import Path
@@ -13,36 +12,27 @@ from client.server_logs import BatchWatch
 from core import torchserve
 from core.errors import EXIT_CODES, KeyRefused, ServerUnavailable, UserError
 from core.files import IMAGE_EXTENSIONS, iter_files, parse_extensions
+from tests.conftest import FakeHTTP
 
 
-class TokenServer:
+class TokenServer(FakeHTTP):
     """A loopback server whose GET /token blocks until `release` is set, then rewrites the key file."""
 
     def __init__(self, key_file: Path):
-        owner = self
         self.release, self.entered, self.paths = threading.Event(), threading.Event(), []
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                owner.paths.append(self.path)
-                owner.entered.set()
-                owner.release.wait(30)
-                key_file.write_text(json.dumps({"inference": {"key": "fresh"}, "API": {"key": "api"}}))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+        def token(path: str) -> tuple[int, bytes]:
+            self.paths.append(path)
+            self.entered.set()
+            self.release.wait(30)
+            key_file.write_text(json.dumps({"inference": {"key": "fresh"}, "API": {"key": "api"}}))
+            return 200, b""
 
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__({"/token": token})
 
     def close(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 def test_management_url_keeps_the_brackets_of_an_ipv6_host():

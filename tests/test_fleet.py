@@ -23,6 +23,7 @@ from tests.conftest import (
     PYTHON,
     REPO,
     VERSION,
+    FakeHTTP,
     archive,
     make_server,
     rows_written,
@@ -454,42 +455,6 @@ def test_fleet_of_3_with_one_replica_killed_mid_run_classifies_every_file_exactl
 
 
 # ---- regressions: cut answers, livelock, keys, probe thread, settings; small local servers ----
-
-class FakeHTTP:
-    """A loopback HTTP server: `routes` maps a path to (status, body bytes); records each request."""
-
-    def __init__(self, routes: dict[str, tuple[int, bytes]]):
-        import http.server
-
-        owner = self
-        self.routes, self.requests = routes, []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                owner.requests.append((self.command, self.path, self.headers.get("Authorization")))
-                status, body = owner.routes.get(self.path.split("?")[0], (404, b'{"type": "x"}'))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 HEALTHY = (200, b'{"status": "Healthy"}')
 

@@ -22,6 +22,7 @@ import requests
 from PIL import Image
 
 from client.local_server import free_ports
+from core.torchserve import pid_alive as alive
 from tests.conftest import MODEL, REPO, VERSION, Server, archive, make_server, wait_for
 
 FRONT_PROXY = REPO / "scripts" / "front_proxy.sh"
@@ -135,14 +136,6 @@ def proxy(backend, ts_config) -> Proxy:
             os.kill(pid, 9)
         shutil.rmtree(base, ignore_errors=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def bearer(token: str) -> dict[str, str]:

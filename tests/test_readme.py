@@ -31,7 +31,7 @@ def command_module(script: Path) -> str:
 
 
 def python_commands() -> list[tuple[str, list[str]]]:
-    """(module, argv) for each `python -m training.X ...` or `python scripts/X.py ...` command."""
+    """(module, argv) for each `python scripts/X.py ...` command (or `python -m MODULE`)."""
     found = []
     for command in shell_commands(README):
         words = shlex.split(command)

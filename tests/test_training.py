@@ -272,7 +272,7 @@ def test_train_bad_flags_exit_2_with_one_line(digits, tmp_path, capsys, extra, m
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
     (tmp_path / "labels.json").write_text('{"0": "a", "1": "b"}')
     (tmp_path / "train.list").write_text("missing.png\ta\n")
-    result = subprocess.run([sys.executable, "-m", "training.train",
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
                              "--train-list", str(tmp_path / "train.list"),
                              "--val-list", str(tmp_path / "train.list"),
                              "--labels", str(tmp_path / "labels.json"),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from core.errors import UserError, run_main
+from core.errors import UserError, command
 from core.rows import read_rows
 from handler.preprocessing import PreprocessConfig, load_tensor
 from training.export import load_torchscript
@@ -118,10 +118,4 @@ def main(args: argparse.Namespace) -> None:
     print(f"check_served: {summary}")
 
 
-def cli() -> None:
-    """The command (scripts/check_served.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

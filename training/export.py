@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.errors import Refused, UserError, run_main
+from core.errors import Refused, UserError, command
 from training.checkpoint import load_checkpoint
 
 TOLERANCE = 1e-5  # max abs logit difference allowed between eager and reloaded TorchScript
@@ -151,10 +151,4 @@ def main(args: argparse.Namespace) -> None:
           f"reloaded and checked, max logit difference {difference:.2e}")
 
 
-def cli() -> None:
-    """The command (scripts/export.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

@@ -5,7 +5,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from core.errors import UserError, run_main
+from core.errors import UserError, command
 from training.dataset import read_list
 from training.labels import load_labels
 
@@ -54,10 +54,4 @@ def main(args: argparse.Namespace) -> None:
     print(f"copied {len(samples)} images into {len({i for _, i in samples})} class folders under {out}{note}")
 
 
-def cli() -> None:
-    """The `list_to_folders` command (scripts/list_to_folders.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

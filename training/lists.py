@@ -9,7 +9,7 @@ import os
 import random
 from pathlib import Path
 
-from core.errors import UserError, run_main
+from core.errors import UserError, command
 from core.files import IMAGE_EXTENSIONS, iter_files
 from training.labels import save_labels
 
@@ -96,10 +96,4 @@ def main(args: argparse.Namespace) -> None:
           "{train.list,val.list,labels.json}")
 
 
-def cli() -> None:
-    """The command (scripts/make_lists.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

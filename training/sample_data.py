@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from core.errors import UserError, run_main
+from core.errors import UserError, command
 
 
 def write_digits(out: str | Path, size: int = 32, limit: int | None = None) -> int:
@@ -46,10 +46,4 @@ def main(args: argparse.Namespace) -> None:
     print(f"wrote {count} digit images ({args.size}x{args.size} PNG, 10 classes) to {args.out}")
 
 
-def cli() -> None:
-    """The command (scripts/sample_digits.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.errors import UserError, run_main
+from core.errors import UserError, command
 from handler.preprocessing import PreprocessConfig, resize, to_tensor
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import ImageListDataset
@@ -267,10 +267,4 @@ def main(args: argparse.Namespace) -> None:
           f"{train_seconds:.0f}s; model.pt checked against eager (max diff {difference:.1e}) -> {out}")
 
 
-def cli() -> None:
-    """The command (scripts/train.py)."""
-    run_main(main, get_args_parser().parse_args())
-
-
-if __name__ == "__main__":
-    cli()
+cli = command(main, get_args_parser)
