@@ -16,13 +16,13 @@ error, never worth retrying as it is; 3 no replica could be used, worth retrying
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -91,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """What a run covers and where its rows go, from the flags, checked before any request."""
 
@@ -183,8 +183,16 @@ def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
         state.sender = Classifier(state.server, model, args.version, topk=args.topk, timeout=args.timeout)
 
     def admit(state: ReplicaState) -> str | None:
+        """The start's checks again, before a replica comes back in. The version to match is what the
+        replicas that are in serve now (a rollout during the run moves them all); none in: any."""
+        now = check
+        if check.default_version is not None:
+            serving = next((s for s in states if s.healthy), None)
+            now = dataclasses.replace(check, default_version=serving and _default_version(serving, model))
+            if now.default_version == "?":
+                now = dataclasses.replace(check, default_version=None)
         try:
-            return state.server.ping() or check.problem(state.server, ready=True)
+            return state.server.ping() or now.problem(state.server, ready=True)
         except ServerUnavailable as e:
             return str(e)
 

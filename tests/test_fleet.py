@@ -540,7 +540,7 @@ def test_dispatcher_stops_when_replicas_answer_ping_but_every_request_fails(imag
     assert not thread.is_alive() and "no replica answered" in outcome.get("error", ""), outcome
 
 
-def test_run_check_refuses_an_unregistered_version_no_ready_worker_another_version_or_preprocessing():
+def test_run_check_refuses_an_unregistered_version_no_ready_worker_another_version_or_preprocessing(monkeypatch):
     from client.sending import RunCheck
     from core.torchserve import Keys, TorchServe
 
@@ -555,6 +555,10 @@ def test_run_check_refuses_an_unregistered_version_no_ready_worker_another_versi
     # a replica that comes back serving another default version stays out (17: the late joiner)
     assert "not the run's 1.0" in RunCheck("m", None, default_version="1.0").problem(server, ready=True)
     assert RunCheck("m", None, default_version="3.0").problem(server, ready=True) is None
+    # one that comes back serving another input size stays out too (its pixels would all be 400)
+    from client import pixels
+    monkeypatch.setattr(pixels, "fetch_settings", lambda srv, model, version: "size 28x28")
+    assert "preprocesses 'm' differently" in RunCheck("m", "3.0", settings="size 224x224").problem(server, True)
     http.close()
 
 
