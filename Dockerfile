@@ -24,8 +24,9 @@ COPY requirements.txt .
 RUN python -m venv /app/.venv
 
 FROM base AS client
-# What client/ and handler/preprocessing.py import (no torch: the client decodes with PIL/numpy).
+# What core/, client/ and handler/preprocessing.py import (no torch: the client decodes with PIL/numpy).
 RUN pip install -c requirements.txt requests PyYAML numpy pillow tqdm
+COPY core/ core/
 COPY client/ client/
 COPY handler/ handler/
 COPY scripts/classify_dir.py scripts/manage.py scripts/
@@ -49,7 +50,7 @@ RUN mkdir -p /usr/share/man/man1 \
 # What the workers import (torch's Linux wheels are CUDA builds, ~5.5 GB), and the probe's requests.
 RUN pip install -c requirements.txt torch torchvision torchserve PyYAML pillow numpy psutil requests
 COPY handler/ handler/
-COPY client/ client/
+COPY core/ core/
 COPY deploy/kubernetes/start-torchserve.sh deploy/kubernetes/probe.py deploy/kubernetes/
 USER 10001:10001
 # For `docker run`; Kubernetes uses the pod's own probes (deploy/kubernetes/statefulset.yaml).
