@@ -18,6 +18,7 @@ from client.versions import (
     Member,
     locate_mar,
     read_manifest,
+    read_state,
     register,
     say,
     snapshots,
@@ -109,12 +110,6 @@ def smoke_test(client: TorchServe, name: str, version: str, images: list, min_ac
                               f"the same {labelled(images)} images (--max-accuracy-drop {max_drop:g}; pass "
                               f"--max-accuracy-drop 1 to roll out a worse model on purpose)")
     return summary
-
-
-def read_state(client: TorchServe, name: str) -> tuple[str | None, list[str]]:
-    """(default version or None, every registered version) of `name` on one replica."""
-    versions = sorted(v["modelVersion"] for v in client.versions(name))
-    return (client.default_version(name) if versions else None), versions
 
 
 def report_end_states(members: list[Member], name: str) -> dict[str, tuple[str | None, list[str]] | None]:

@@ -42,6 +42,14 @@ class Server(LocalServer):
         return self.api().describe(self.model, self.version)[0]["workers"]
 
 
+def tiny_store(base: Path, tiny_run: Path) -> Path:
+    """base/store holding tiny 1.0's archive."""
+    store = base / "store"
+    store.mkdir()
+    archive(tiny_run, store, MODEL, VERSION)
+    return store
+
+
 def make_server(base: Path, store: Path, run_dir: Path, mars: list[str]) -> Server:
     """A Server description on six fresh ports (not started)."""
     return Server(base=base, store=store, run_dir=run_dir, mars=mars)
@@ -81,9 +89,7 @@ def server(tmp_path_factory, tiny_run) -> Server:
     if not (REPO / ".venv" / "bin" / "torchserve").exists():
         pytest.fail(".venv/bin/torchserve not found: run `make install`")
     base = tmp_path_factory.mktemp("ts")
-    store = base / "store"
-    store.mkdir()
-    archive(tiny_run, store, MODEL, VERSION)
+    store = tiny_store(base, tiny_run)
     with make_server(base, store, tiny_run, [f"{MODEL}-{VERSION}.mar"]).running() as srv:
         yield srv
 
@@ -117,6 +123,19 @@ def rows_written(output: Path) -> int:
         return output.read_text(encoding="utf-8").count("\n")
     except FileNotFoundError:
         return 0
+
+
+@contextmanager
+def popen(args: list[str]) -> Iterator[subprocess.Popen]:
+    """A command running for the block (output captured as text), killed and reaped if the block
+    leaves it running."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @contextmanager

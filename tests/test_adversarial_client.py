@@ -17,7 +17,7 @@ import pytest
 from client import sending
 from client.local_server import free_ports
 from core import errors, torchserve
-from tests.conftest import archive, rows_written, wait_for, write_images
+from tests.conftest import archive, popen, rows_written, wait_for, write_images
 from tests.test_classify_dir import client_args, read_rows, run_client
 
 pytestmark = pytest.mark.integration
@@ -106,18 +106,12 @@ def test_version_scaled_to_zero_workers_exits_3_up_front(server, spare_version, 
 def test_workers_removed_mid_run_exit_3_with_rows_kept(server, spare_version, many_images, tmp_path):
     directory, paths = many_images
     output = tmp_path / "rows.jsonl"
-    proc = subprocess.Popen(client_args(server, directory, output, "--version", spare_version,
-                                        "--concurrency", "1", "--timeout", "10", "--give-up-after", "10"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with popen(client_args(server, directory, output, "--version", spare_version, "--concurrency", "1",
+                           "--timeout", "10", "--give-up-after", "10")) as proc:
         assert wait_for(lambda: rows_written(output) >= 20, timeout=60)
         _manage(server, "PUT", f"/models/{server.model}/{spare_version}", min_worker="0", max_worker="0",
                 synchronous="true")
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
     assert proc.returncode == 3, stdout + stderr
     line = one_line(stderr)
     assert "has no READY worker" in line and "--resume" in line
@@ -190,16 +184,13 @@ def test_ctrl_c_stops_at_once_with_requests_in_flight_and_keeps_rows(tmp_path):
                                       "management_url": f"http://127.0.0.1:{free_ports(1)[0]}",
                                       "key_file": key_file}),
                        root, output, "--concurrency", "2", "--retries", "0", "--timeout", "600")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: rows_written(output) >= 3 and httpd.posts >= 5, timeout=60)
-        proc.send_signal(signal.SIGINT)
-        # without the fix it waits --timeout (600 s) for the held requests
-        stdout, stderr = proc.communicate(timeout=60)
+        with popen(args) as proc:
+            assert wait_for(lambda: rows_written(output) >= 3 and httpd.posts >= 5, timeout=60)
+            proc.send_signal(signal.SIGINT)
+            # without the fix it waits --timeout (600 s) for the held requests
+            stdout, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
         httpd.release.set()
         httpd.shutdown()
         httpd.server_close()

@@ -16,7 +16,7 @@ from client import results, sending
 from client.local_server import free_ports
 from core import files as walk
 from core import torchserve
-from tests.conftest import COLORS, PYTHON, REPO, archive, rows_written, wait_for, write_images
+from tests.conftest import COLORS, PYTHON, REPO, archive, popen, rows_written, wait_for, write_images
 from tests.image_zoo import write_zoo
 
 CLIENT = REPO / "scripts" / "classify_dir.py"
@@ -275,16 +275,13 @@ def test_server_stopped_mid_run_exit_3_then_resume_after_restart(server, many, t
     output = tmp_path / "stopped.jsonl"
     old_keys = server.keys()
     assert old_keys.get("inference")  # read now, before the restart rotates them
-    proc = subprocess.Popen(client_args(server, directory, output, "--concurrency", "1", "--retries", "1",
-                                        "--give-up-after", "5"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: rows_written(output) >= 30, timeout=30)
-        server.stop()
-        _, stderr = proc.communicate(timeout=60)
+        with popen(client_args(server, directory, output, "--concurrency", "1", "--retries", "1",
+                               "--give-up-after", "5")) as proc:
+            assert wait_for(lambda: rows_written(output) >= 30, timeout=30)
+            server.stop()
+            _, stderr = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
         if server.pid() is None:
             server.start()  # leave the shared server running for the other tests
     assert proc.returncode == 3, stderr  # worth retrying later: a batch scheduler retries it
@@ -310,16 +307,13 @@ def test_server_stopped_mid_run_exit_3_then_resume_after_restart(server, many, t
 def test_client_with_retries_rides_through_a_server_restart(server, many, tmp_path):
     directory, paths = many
     output = tmp_path / "restart.jsonl"
-    proc = subprocess.Popen(client_args(server, directory, output, "--concurrency", "2", "--retries", "7"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: rows_written(output) >= 30, timeout=30)
-        server.stop()
-        server.start()  # new keys: the client re-reads key_file.json when the old one is refused
-        stdout, stderr = proc.communicate(timeout=90)
+        with popen(client_args(server, directory, output, "--concurrency", "2", "--retries", "7")) as proc:
+            assert wait_for(lambda: rows_written(output) >= 30, timeout=30)
+            server.stop()
+            server.start()  # new keys: the client re-reads key_file.json when the old one is refused
+            stdout, stderr = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
         if server.pid() is None:
             server.start()
     rows = read_rows(output)

@@ -24,10 +24,11 @@ from tests.conftest import (
     REPO,
     VERSION,
     FakeHTTP,
-    archive,
     make_server,
+    popen,
     rows_written,
     running_fleet,
+    tiny_store,
     wait_for,
     write_images,
 )
@@ -364,9 +365,7 @@ def test_classify_dir_with_a_bad_fleet_file_or_shard_exits_2_with_one_line(tmp_p
 def fleet3(tmp_path_factory, tiny_run):
     """3 servers of tiny 1.0, started in parallel; each stopped by its pid at the end (workers too)."""
     base = tmp_path_factory.mktemp("fleet")
-    store = base / "store"
-    store.mkdir()
-    archive(tiny_run, store, MODEL, VERSION)
+    store = tiny_store(base, tiny_run)
     servers = [make_server(base / f"ts-{i}", store, tiny_run, [f"{MODEL}-{VERSION}.mar"]) for i in range(3)]
     with running_fleet(servers, base / "fleet.yaml") as fleet_file:
         yield servers, fleet_file
@@ -431,15 +430,10 @@ def test_fleet_of_3_with_one_replica_killed_mid_run_classifies_every_file_exactl
     images = tmp_path / "images"
     paths = write_images(images, 600)
     output = tmp_path / "out.jsonl"
-    run = subprocess.Popen(classify(fleet_file, images, output, "--concurrency", "4"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
+    with popen(classify(fleet_file, images, output, "--concurrency", "4")) as run:
         assert wait_for(lambda: rows_written(output) >= 100, 120)
         servers[1].kill()  # SIGKILL of its frontend: connections reset, requests it held are lost
         stdout, stderr = run.communicate(timeout=180)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 0, stderr
     rows = rows_of(output)
     assert Counter(r["path"] for r in rows) == Counter(paths)  # every file exactly once

@@ -23,7 +23,7 @@ from PIL import Image
 
 from client.local_server import free_ports
 from core.torchserve import pid_alive as alive
-from tests.conftest import MODEL, REPO, VERSION, Server, archive, make_server, wait_for
+from tests.conftest import MODEL, REPO, VERSION, Server, archive, make_server, tiny_store, wait_for
 
 FRONT_PROXY = REPO / "scripts" / "front_proxy.sh"
 RENDER = REPO / "deploy" / "nginx" / "render.sh"
@@ -109,9 +109,7 @@ def ts_config(tmp_path_factory) -> Path:
 def backend(tmp_path_factory, tiny_run, ts_config) -> Server:
     """TorchServe serving tiny 1.0 on loopback with its own token authorization off."""
     base = tmp_path_factory.mktemp("proxied")
-    store = base / "store"
-    store.mkdir()
-    archive(tiny_run, store, MODEL, VERSION)
+    store = tiny_store(base, tiny_run)
     server = make_server(base, store, tiny_run, [f"{MODEL}-{VERSION}.mar"])
     server.config = ts_config
     server.extra_env = {"TS_TOKEN_AUTH": "off"}
