@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from core.errors import UserError
 from tests.test_training import make_png, run_cli
@@ -355,3 +356,26 @@ def test_check_served_reads_names_that_classify_dir_writes(tmp_path, monkeypatch
     except (KeyError, SystemExit):
         pass  # the summary of the stubbed comparison; what matters is what was read
     assert seen == odd
+
+
+def test_list_to_folders_keeps_same_named_images_and_refuses_labels_naming_other_places(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "list_to_folders.py"
+    for folder, color in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (4, 4), color).save(tmp_path / folder / "same.png")
+    (tmp_path / "val.list").write_text("a/same.png\tcat\nb/same.png\tcat\n")
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "cat", "1": "dog"}))
+    run = [sys.executable, str(script), str(tmp_path / "val.list"), "--labels", str(tmp_path / "labels.json")]
+    done = subprocess.run([*run, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    copied = sorted(p.name for p in (tmp_path / "out" / "cat").iterdir())
+    assert copied == ["same-2.png", "same.png"] and "1 renamed" in done.stdout  # both kept, not one over the other
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "cat", "1": "../../escape"}))
+    (tmp_path / "val.list").write_text("a/same.png\t../../escape\n")
+    done = subprocess.run([*run, "--out", str(tmp_path / "out2")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot be a folder name" in done.stderr, done.stderr
+    assert not (tmp_path / "escape").exists()

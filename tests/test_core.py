@@ -138,3 +138,48 @@ def test_batch_watch_sees_a_rotation_to_a_larger_file(tmp_path):
     rotated.write_text("x" * 500 + "\n" + LOG_LINE.format("Looping backend response"))
     rotated.replace(log)
     assert watch.busy(["9000"]) == {"9000"}  # size alone would have missed it
+
+
+def test_every_thread_has_its_own_session_and_close_closes_them_all():
+    server = torchserve.TorchServe("http://127.0.0.1:9", keys=torchserve.Keys(keys={}))
+    sessions = [server.session()]
+    other = threading.Thread(target=lambda: sessions.append(server.session()))
+    other.start()
+    other.join()
+    assert sessions[0] is server.session() and sessions[0] is not sessions[1]  # never shared
+    closed = []
+    for session in sessions:
+        session.close = lambda s=session: closed.append(s)
+    server.close()
+    assert len(closed) == 2
+
+
+def test_ping_closes_the_session_it_opened(monkeypatch):
+    opened = []
+    real = torchserve.new_session
+
+    def tracked(pool_size=4):
+        session = real(pool_size)
+        session.close = lambda: opened.append("closed")
+        opened.append("opened")
+        return session
+
+    monkeypatch.setattr(torchserve, "new_session", tracked)
+    assert "unreachable" in torchserve.ping("http://127.0.0.1:9", timeout=1)
+    assert opened == ["opened", "closed"]
+
+
+def test_a_refusal_by_the_proxy_is_a_key_refused_not_matched_by_text():
+    proxy = FakeHTTP({"/ping": (401, b"<html>401 Authorization Required</html>")})  # nginx's own page
+    with pytest.raises(KeyRefused):
+        torchserve.ping(proxy.url, torchserve.Keys(keys={"inference": "wrong"}))
+    proxy.close()
+
+
+def test_a_bug_in_a_version_lookup_is_not_taken_for_an_unknown_version(monkeypatch):
+    from client.sending import VersionTracker
+
+    server = torchserve.TorchServe("http://127.0.0.1:9", keys=torchserve.Keys(keys={}))
+    monkeypatch.setattr(server, "default_version", lambda model: None["x"])  # a TypeError: a bug
+    with pytest.raises(TypeError):
+        VersionTracker(server, "m", None).version_for(0.0)

@@ -393,6 +393,36 @@ def test_single_url_rows_name_the_replica_as_host_and_port(fleet3, tmp_path):
     assert f"replica {host_port}: files 6," in done.stdout  # a fleet of one, summarised like any fleet
 
 
+def test_a_single_url_and_a_fleet_of_one_give_identical_rows(fleet3, tmp_path):
+    """One path: --url builds a fleet of one; the same server through a one-entry fleet file answers
+    every file the same (only the replica's name differs: HOST:PORT against the entry's name)."""
+    servers, _ = fleet3
+    paths = write_images(tmp_path / "images", 30)
+    (tmp_path / "images" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    one = fleet.write_fleet(tmp_path / "one.yaml", [{"name": "solo", "inference_url": servers[0].inference_url,
+                                                     "management_url": servers[0].management_url,
+                                                     "key_file": servers[0].key_file}])
+    outputs = {}
+    for name, target in (("url", ["--url", servers[0].inference_url, "--management-url", servers[0].management_url,
+                                  "--token-file", str(servers[0].key_file)]),
+                         ("fleet", ["--fleet", str(one)])):
+        outputs[name] = tmp_path / f"{name}.jsonl"
+        done = subprocess.run([str(PYTHON), str(CLIENT), str(tmp_path / "images"), "--model", MODEL, *target,
+                               "--output", str(outputs[name])], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    def answers(path: Path) -> dict:
+        keep = ("status", "label", "error", "http_status", "model", "model_version")
+        return {r["path"]: ({k: r[k] for k in keep}, r["probability"]) for r in rows_of(path)}
+
+    by_url, by_fleet = answers(outputs["url"]), answers(outputs["fleet"])
+    assert len(by_url) == len(paths) + 1 and by_url.keys() == by_fleet.keys()
+    for path, (row, probability) in by_url.items():
+        assert row == by_fleet[path][0], path
+        # 1e-6: the server batches the two runs' requests differently, and batch size picks kernels
+        assert probability == by_fleet[path][1] or abs(probability - by_fleet[path][1]) <= 1e-6, path
+
+
 def test_three_shards_cover_every_file_once_with_one_shard_killed_and_resumed(fleet3, tmp_path):
     _, fleet_file = fleet3
     images = tmp_path / "images"

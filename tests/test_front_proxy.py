@@ -595,3 +595,17 @@ def test_a_fleet_rollout_through_the_management_port_needs_the_management_token(
         subprocess.run([*base, "unregister", MODEL, "2.0", "--fleet", str(writers), "--drain-seconds", "0",
                         "--replica-log-dir", f"front={backend.log_dir}"], capture_output=True, timeout=300)
     assert backend.api().default_version(MODEL) == VERSION
+
+
+def test_the_pods_probe_against_the_real_torchserve_behind_the_proxy(backend):
+    """deploy/kubernetes/probe.py as the pods run it: against the TorchServe on loopback, token auth off
+    (test_kubernetes.py covers the states a real server cannot be put in on cue, with a fake)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe", REPO / "deploy" / "kubernetes" / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.probe("live", backend.inference_url, backend.management_url, 10) is None
+    assert probe.probe("ready", backend.inference_url, backend.management_url, 10) is None  # tiny 1.0 READY
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+    assert "no answer" in probe.probe("live", dead, dead, 2)
