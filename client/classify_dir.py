@@ -249,8 +249,11 @@ class Run:
             self.dispatcher.abort.set()
             raise
         finally:
-            # interrupted: no waiting for the requests in flight (up to --timeout); the rows written stay
-            pool.shutdown(wait=not interrupted, cancel_futures=True)
+            # interrupted: no waiting for the requests in flight (up to --timeout), and no shutdown of the
+            # pool at all: the interrupt may have come inside pool.submit, which holds the lock that
+            # shutdown takes (a deadlock); the process leaves with os._exit, the rows written stay
+            if not interrupted:
+                pool.shutdown(wait=True)
             self.bar.close()
 
     def collect(self) -> None:
