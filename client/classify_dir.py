@@ -245,8 +245,7 @@ class Run:
             while self.pending:
                 self.collect()
         except KeyboardInterrupt:
-            interrupted = True
-            self.dispatcher.abort.set()
+            interrupted = True  # nothing more here: the process leaves at once (run), the rows stay
             raise
         finally:
             # interrupted: no waiting for the requests in flight (up to --timeout), and no shutdown of the
@@ -320,6 +319,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     plan = plan_run(args)
     dispatcher, model, mode, check = connect(args)
+    interrupted = False
     try:
         stats = Stats()
         done = set()
@@ -337,13 +337,15 @@ def main(args: argparse.Namespace) -> int:
         try:
             run.send_all(iter(files))
         except KeyboardInterrupt:
+            interrupted = True
             raise KeyboardInterrupt(f"{stats.files} rows kept in {plan.output}; "
                                     f"rerun with --resume to finish") from None
         finally:
             writer.close()
         elapsed = time.perf_counter() - started
     finally:
-        dispatcher.close()
+        if not interrupted:  # interrupted: no lock or join on the way out, the process ends at once
+            dispatcher.close()
     if files.seen == 0 and run.fatal is None:
         raise UserError(f"no files with extensions {','.join(sorted(plan.extensions))} under {plan.root}")
     return summarise(args, plan, run, files.seen, model, mode, elapsed)
