@@ -358,6 +358,9 @@ def _interrupt(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     """main, except that Ctrl-C or SIGTERM (a pod's stop) leaves at once with exit code 130, rows kept."""
     signal.signal(signal.SIGTERM, _interrupt)
+    # Python leaves SIGINT ignored when it starts ignored (a shell's `cmd &` without job control):
+    # the run's own Ctrl-C must stop it all the same
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(args)
     except KeyboardInterrupt as e:
