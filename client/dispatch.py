@@ -152,6 +152,8 @@ class Dispatcher:
                 if done:
                     return done
                 last = (answer.row, answer.reason)
+                if answer.status == 503 and not self.retry.allows(attempt) and self._no_ready_worker(state):
+                    continue  # its replica is out now; the file goes elsewhere, or waits for it
             if not self.retry.allows(attempt):
                 return last
             if answer.status in self.retry.statuses:
@@ -171,8 +173,6 @@ class Dispatcher:
                 self._take_out_locked(state, f"{state.server_errors} server errors in a row "
                                              f"(last: {answer.row.get('error')})")
             if status in self.retry.statuses:
-                if status == 503:
-                    state.sender.check_workers_after_503()  # no READY worker: ServerUnavailable, taken out
                 return None
             if server_error:
                 refused_by.add(state.replica.name)
@@ -181,6 +181,16 @@ class Dispatcher:
             state.files += 1
             state.errors += answer.row.get("status") != "ok"
         return answer.row, answer.reason
+
+    def _no_ready_worker(self, state: ReplicaState) -> bool:
+        """After a last 503 (outside the lock: it asks the management API): True, and the replica
+        taken out, when its version has no READY worker, so every request there would get 503."""
+        try:
+            state.sender.check_workers_after_503()
+        except ServerUnavailable as e:
+            self._take_out(state, str(e))
+            return True
+        return False
 
     def _acquire(self, avoid: set) -> ReplicaState | None:
         """The healthy replica with the fewest requests in flight and room (one not in `avoid` when

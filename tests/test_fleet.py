@@ -333,6 +333,20 @@ def test_a_500_answered_by_every_replica_is_the_images_error_and_a_400_is_not_re
     sender2.close()
 
 
+def test_a_replica_whose_workers_are_gone_is_taken_out_and_the_run_goes_on(image):
+    class NoWorkers(FakeSender):
+        def check_workers_after_503(self):
+            raise ServerUnavailable("model 'm' version 1.0 has no READY worker on r0 and answers 503")
+
+    senders = [NoWorkers(status=503), FakeSender()]
+    sender = fake_fleet(senders, probe=lambda s: "no READY worker" if s.replica.name == "r0" else None,
+                        retry=Retry(total=0, backoff=0.01))  # the first 503 is the last: the check runs
+    rows = [sender.classify(image, f"{i}.png") for i in range(4)]
+    assert all(row["status"] == "ok" and row["replica"] == "r1" for row, _ in rows)  # not a stopped run
+    assert not sender.states[0].healthy and "no READY worker" in sender.states[0].out_why
+    sender.close()
+
+
 def test_a_replica_that_hangs_is_taken_out_at_its_first_timeout(image):
     senders = [FakeSender(reason="timeout"), FakeSender()]
     sender = fake_fleet(senders, probe=lambda s: "hanging" if s.replica.name == "r0" else None)
