@@ -6,7 +6,7 @@ extension) written and flushed as the answers arrive, so a kill loses only the f
 in flight and `--resume` finishes the run. One server (--url) is a fleet of one: the
 same code spreads the files over a fleet file's replicas.
 
-Exit codes (docs/exit-codes.md): 0 the run finished and at most --max-failed-share of
+Exit codes (the README's "Exit codes"): 0 the run finished and at most --max-failed-share of
 the files failed (bad images are error rows); 1 more failed; 2 usage or configuration
 error, never worth retrying as it is; 3 no replica could be used, worth retrying later
 (--resume keeps the rows); 130 interrupted (SIGINT or SIGTERM), rows kept.

@@ -8,7 +8,7 @@ One type per meaning, under one base, ProjectError:
   exit 3  ServerUnavailable  the server, or every replica of a fleet, cannot be used now:
                        unreachable, no READY worker; worth retrying later
   exit 130             interrupted (Ctrl-C, SIGTERM)
-docs/exit-codes.md (README "Exit codes") is the table a batch scheduler acts on.
+The README's "Exit codes" table is what a batch scheduler (a podFailurePolicy) acts on.
 """
 from __future__ import annotations
 
