@@ -29,7 +29,14 @@ from typing import Iterator
 from tqdm import tqdm
 
 from client import pixels
-from client.dispatch import DEFAULT_GRACE_S, Dispatcher, ReplicaState, healthy_servers, probe_replicas
+from client.dispatch import (
+    DEFAULT_GRACE_S,
+    Dispatcher,
+    ReplicaState,
+    healthy_servers,
+    ping_state,
+    probe_replicas,
+)
 from client.fleet import replicas_from_args
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
 from client.sending import Classifier, Retry, RunCheck, resolve_model
@@ -191,10 +198,7 @@ def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
             now = dataclasses.replace(check, default_version=serving and _default_version(serving, model))
             if now.default_version == "?":
                 now = dataclasses.replace(check, default_version=None)
-        try:
-            return state.server.ping() or now.problem(state.server, ready=True)
-        except ServerUnavailable as e:
-            return str(e)
+        return ping_state(state) or now.problem(state.server, ready=True)
 
     dispatcher = Dispatcher(states, args.concurrency, Retry(total=args.retries), prepare=prepare,
                             max_bytes=args.max_request_size, model=model, admit=admit,

@@ -132,26 +132,34 @@ class Dispatcher:
         except BadImage as e:  # refused here by the server's own check: its message, code, and time taken
             row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
             return error_row(row, e.message, e.code), f"http {e.code}"
-        attempt, refused_by, last = 0, set(), None
+        # attempt: retries spent (transient answers, no answer); avoid: replicas this file had trouble
+        # with (sent elsewhere while another is in); refused_by: replicas that gave it a 5xx
+        attempt, avoid, refused_by, last = 0, set(), set(), None
         while not self.abort.is_set():
-            state = self._acquire(avoid=refused_by)
+            state = self._acquire(avoid=avoid)
             if state is None:
                 break
             try:
                 answer = state.sender.send(body, content_type, row)
-            except ServerUnavailable as e:  # key refused, model or workers gone there: its fault, not the file's
+            except KeyRefused as e:  # configuration, not availability: said so if every replica is out for it
+                self._take_out(state, str(e), key_refused=True)
+                continue
+            except ServerUnavailable as e:  # model or workers gone there: its fault, not the file's
                 self._take_out(state, str(e))
                 continue
             finally:
                 self._release(state)
+            avoid.add(state.replica.name)
             if answer.row is None:  # no answer: a hanging or dead replica; the file goes elsewhere
                 self._take_out(state, f"{answer.reason} ({answer.error})")
                 last = (error_row({**row, "replica": state.replica.name}, answer.error, None), answer.reason)
             else:
                 done = self._answered(state, answer, refused_by)
-                if done:
+                if done is not None:
                     return done
                 last = (answer.row, answer.reason)
+                if answer.status not in self.retry.statuses:
+                    continue  # a 5xx moves to a replica that has not refused it: no retry spent
                 if answer.status == 503 and not self.retry.allows(attempt) and self._no_ready_worker(state):
                     continue  # its replica is out now; the file goes elsewhere, or waits for it
             if not self.retry.allows(attempt):
@@ -165,9 +173,11 @@ class Dispatcher:
         """Account for an answer; the final (row, reason), or None to send the file again."""
         answer.row["replica"] = state.replica.name
         status = answer.status or 0
-        with self.changed:  # a real answer: the fleet is no longer all out
-            self._all_out_since = None
-            server_error = status >= 500 and status not in self.retry.statuses
+        with self.changed:
+            if state.healthy:  # an answer from a replica that is in: the fleet is not all out
+                self._all_out_since = None
+            # 502/504: the front answering for a server behind it that is gone; 503/507 are busy
+            server_error = status >= 500 and status not in self.retry.busy
             state.server_errors = state.server_errors + 1 if server_error else 0
             if state.server_errors >= self.retry.take_out_after:
                 self._take_out_locked(state, f"{state.server_errors} server errors in a row "
@@ -207,7 +217,8 @@ class Dispatcher:
                 if (self._all_out_since is not None and not any(s.healthy for s in self.states)
                         and time.monotonic() - self._all_out_since > self.grace):
                     reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in self.states)
-                    raise ServerUnavailable(f"no replica answered for {self.grace:g}s ({reasons})")
+                    kind = KeyRefused if all(s.key_refused for s in self.states) else ServerUnavailable
+                    raise kind(f"no replica answered for {self.grace:g}s ({reasons})")
                 self.changed.wait(0.2)
         return None
 
@@ -216,9 +227,10 @@ class Dispatcher:
             state.in_flight -= 1
             self.changed.notify_all()
 
-    def _take_out(self, state: ReplicaState, why: str) -> None:
+    def _take_out(self, state: ReplicaState, why: str, key_refused: bool = False) -> None:
         with self.changed:
             self._take_out_locked(state, why)
+            state.key_refused = state.key_refused or key_refused
 
     def _take_out_locked(self, state: ReplicaState, why: str) -> None:
         """Send nothing more there and stop its retries; the probe brings it back."""
@@ -245,7 +257,7 @@ class Dispatcher:
                 with self.changed:
                     if why is None and not self.abort.is_set():
                         state.sender.abort.clear()
-                        state.healthy, state.server_errors = True, 0
+                        state.healthy, state.server_errors, state.key_refused = True, 0, False
                         self.changed.notify_all()
                     elif why is not None:
                         state.why = " ".join(why.split())  # what keeps it out now

@@ -347,6 +347,70 @@ def test_a_replica_whose_workers_are_gone_is_taken_out_and_the_run_goes_on(image
     sender.close()
 
 
+def test_answers_still_in_flight_from_a_replica_that_is_out_do_not_restart_the_grace(image):
+    """Every worker gone (503 to all, no READY worker) with many requests in flight: the run ends
+    after the grace with exit 3's error, not a hang (late 503s from the out replica kept resetting it)."""
+    class NoWorkers(FakeSender):
+        def check_workers_after_503(self):
+            raise ServerUnavailable("model 'm' version 1.0 has no READY worker")
+
+    sender = fake_fleet([NoWorkers(delay=0.05, status=503)], probe=lambda s: "no READY worker",
+                        per_replica=8, grace=1.0, retry=Retry(total=0, backoff=0.01))
+    errors = []
+
+    def one(i):
+        try:
+            sender.classify(image, f"{i}.png")
+        except ServerUnavailable as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    sender.close()
+    assert not any(t.is_alive() for t in threads) and errors and "no replica answered" in errors[0]
+
+
+def test_a_replica_answering_502_is_taken_out_and_its_files_answered_elsewhere(image):
+    """A pod whose TorchServe died behind its nginx answers 502 at once: not one file's error."""
+    senders = [FakeSender(status=502), FakeSender(delay=0.01)]
+    sender = fake_fleet(senders, probe=lambda s: "502 on /ping" if s.replica.name == "r0" else None,
+                        per_replica=4, retry=Retry(total=1, backoff=0.01))
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(sender.classify(image, f"{i}.png")))
+               for i in range(80)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 80 and all(row["status"] == "ok" for row, _ in results)
+    assert not sender.states[0].healthy and "server errors in a row" in sender.states[0].out_why
+    sender.close()
+
+
+def test_a_key_refused_on_every_replica_mid_run_is_a_configuration_error(image):
+    from core.errors import KeyRefused
+
+    class Refusing(FakeSender):
+        def send(self, body, content_type, row):
+            raise KeyRefused("the server refused the inference token")
+
+    sender = fake_fleet([Refusing()], probe=lambda s: "refused the token", grace=0.3)
+    with pytest.raises(KeyRefused, match="no replica answered"):
+        sender.classify(image, "a.png")
+    sender.close()
+
+
+def test_a_500_moves_to_another_replica_even_with_no_retries_left(image):
+    senders = [FakeSender(status=500), FakeSender()]
+    sender = fake_fleet(senders, probe=lambda s: None, retry=Retry(total=0))
+    rows = [sender.classify(image, f"{i}.png")[0] for i in range(10)]
+    assert all(r["status"] == "ok" for r in rows)  # --retries 0 is about transient answers, not this
+    sender.close()
+
+
 def test_a_replica_that_hangs_is_taken_out_at_its_first_timeout(image):
     senders = [FakeSender(reason="timeout"), FakeSender()]
     sender = fake_fleet(senders, probe=lambda s: "hanging" if s.replica.name == "r0" else None)
