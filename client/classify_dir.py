@@ -125,6 +125,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: name a file (results.jsonl, or .csv)")
     return Plan(root, parse_extensions(args.extensions), not args.no_recursive,
                 parse_shard(args.shard) if args.shard else None, output,
                 FIELDS + (("true_label",) if args.class_folders else ()),

@@ -59,13 +59,16 @@ def _url(value: object, where: str, key: str) -> str:
     """A server's base URL, checked; UserError naming `where` and `key` otherwise."""
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: {key} must be a URL such as http://HOST:PORT, got {value!r}")
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+        parts.port
+    except ValueError as e:
+        raise UserError(f"{where}: {key} is not a valid URL ({e}): {value!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{where}: {key} must be an http(s) URL with a host, got {value!r}")
-    try:
-        parts.port
-    except ValueError:
-        raise UserError(f"{where}: {key} has an invalid port: {value!r}") from None
+    if parts.username is not None or parts.password is not None:
+        raise UserError(f"{where}: {key} holds credentials; give them as key_file or token files, never "
+                        f"in a URL (they would land in every row and log)")
     if parts.path.strip("/") or parts.query:
         raise UserError(f"{where}: {key} must be the server's base URL, without a path: {value!r}")
     return value.strip().rstrip("/")
@@ -93,6 +96,9 @@ def parse_fleet(data: object, source: str, base: Path) -> list[Replica]:
             raise UserError(f"{where}: name must be letters, digits, '.', '_' or '-' (at most 63), "
                             f"got {name!r}")
         inference = _url(entry.get("inference_url"), where, "inference_url")
+        if not entry.get("management_url") and (urlsplit(inference).port or 80) == 65535:
+            raise UserError(f"{where}: inference_url {inference} leaves no port for the management URL; "
+                            f"give management_url")
         management = (_url(entry["management_url"], where, "management_url") if entry.get("management_url")
                       else management_url_for(inference))
         files = {}
@@ -185,7 +191,12 @@ def replicas_from_args(args: argparse.Namespace) -> tuple[list[Replica], str]:
         value = getattr(args, flag, None)
         if value and not Path(value).expanduser().is_file():
             raise UserError(f"--{flag.replace('_', '-')} not found: {value}")
-    replica = Replica(urlsplit(url).netloc, url, management or management_url_for(url),
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if management is None and port == 65535:
+        raise UserError(f"--url {url}: the management URL would be port 65536; pass --management-url")
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    replica = Replica(f"{host}:{port}", url, management or management_url_for(url),
                       key_file=None if tokens else find_key_file(args.token_file),
                       token_file=_path(args.inference_token_file),
                       management_token_file=_path(args.management_token_file),

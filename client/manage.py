@@ -41,8 +41,18 @@ def run_command(members: list[Member], args: argparse.Namespace) -> str:
                         f"(--management-token-file for one server)")
     if args.command == "rollout":
         return rollout(members, args)
-    label = (lambda m: f"{m.name}: ") if len(members) > 1 else (lambda m: "")
-    return "\n".join(label(m) + change(m, args) for m in members)
+    if len(members) == 1:
+        return change(members[0], args)
+    done: list[str] = []
+    for index, m in enumerate(members):  # one replica after the other, each line as it is done
+        try:
+            print(f"{m.name}: {change(m, args)}", flush=True)
+        except (Refused, ServerUnavailable, UserError) as e:
+            untried = [other.name for other in members[index + 1:]]
+            raise type(e)(f"{m.name}: {e}; {args.command} was done on: {', '.join(done) or 'none'}; not "
+                          f"tried on: {', '.join(untried) or 'none'} (manage.py list --fleet shows each)") from None
+        done.append(m.name)
+    return f"{args.command}: done on every replica ({', '.join(done)})"
 
 
 def change(m: Member, args: argparse.Namespace) -> str:

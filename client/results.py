@@ -45,8 +45,11 @@ class RowWriter:
         self.csv = path.suffix.lower() == ".csv" if as_csv is None else as_csv
         exists = append and path.exists() and path.stat().st_size > 0
         # surrogateescape: a file name that is not valid UTF-8 is written back byte for byte
-        self.file = open(path, "a" if append else "w", encoding="utf-8", newline="",
-                         errors="surrogateescape")
+        try:
+            self.file = open(path, "a" if append else "w", encoding="utf-8", newline="",
+                             errors="surrogateescape")
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
         if self.csv:
             self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
             if not exists:

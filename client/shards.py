@@ -187,6 +187,8 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
+    if output.is_dir():
+        raise UserError(f"{output} is a folder: name the merged output's file")
     if args.shards is not None and args.shards < 1:
         raise UserError(f"--shards must be at least 1, not {args.shards}")
     files, failed, empty, versions = merge_shards(

@@ -56,8 +56,17 @@ def read_rows(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]:
         previous = record
     if previous is not None and not unfinished:
         count += yield from _checked(path, previous, strict)
-    if strict and count == 0 and path.stat().st_size > 0:
+    if strict and count == 0 and path.stat().st_size > 0 and not _header_only(path):
         raise UserError(f"{path}: no readable row (not a classify_dir output?)")
+
+
+def _header_only(path: Path) -> bool:
+    """A CSV output of a run with no files: our header and nothing else."""
+    if path.suffix.lower() != ".csv":
+        return False
+    with open(path, encoding="utf-8-sig", newline="", errors="surrogateescape") as f:
+        header = next(csv.reader(f), [])
+    return {"path", "status"} <= set(header)
 
 
 def _checked(path: Path, record: tuple[int, dict | None], strict: bool):

@@ -300,6 +300,8 @@ class TorchServe:
                                     f"scripts/serve.sh status)") from None
         except requests.Timeout:
             raise Refused(f"{what}: no answer within {self.timeout:g}s") from None
+        except requests.RequestException as e:  # an invalid URL, a cut answer: one line, not a traceback
+            raise Refused(f"{what}: {type(e).__name__}: {e}") from None
         if is_auth_error(response):
             if self.keys.token_file or self.keys.management_token_file:
                 raise KeyRefused(f"{what}: the management API refused the token from {self.keys.source} "

@@ -204,7 +204,7 @@ class FakeHTTP:
                 self.end_headers()
                 self.wfile.write(body)
 
-            do_GET = do_POST = _answer
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
 
             def log_message(self, *args):
                 pass

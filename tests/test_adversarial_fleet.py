@@ -224,3 +224,44 @@ def test_resume_refuses_rows_of_another_model_version_unless_told(tmp_path):
 def test_a_shard_that_is_not_ascii_digits_is_one_line(text):
     with pytest.raises(UserError, match="--shard must be K/N"):
         shards.parse_shard(text)
+
+
+def test_a_fleet_write_that_fails_part_way_names_where_it_was_done(tmp_path):
+    from tests.conftest import FakeHTTP
+
+    good = FakeHTTP({"/models/m/2.0/set-default": (200, b'{"status": "ok"}')})
+    fleet.write_fleet(tmp_path / "fleet.yaml", [
+        {"name": "a", "inference_url": good.url, "management_url": good.url},
+        {"name": "b", "inference_url": "http://127.0.0.2:9", "management_url": "http://127.0.0.2:10"},
+        {"name": "c", "inference_url": "http://127.0.0.3:9", "management_url": "http://127.0.0.3:10"}])
+    done = subprocess.run([str(PYTHON), str(MANAGE), "set-default", "m", "2.0", "--fleet",
+                           str(tmp_path / "fleet.yaml"), "--timeout", "5"], capture_output=True, text=True,
+                          timeout=60)
+    good.close()
+    assert done.returncode == 3, done.stderr
+    assert "a: set-default: /predictions/m now answers with version 2.0" in done.stdout  # said as it happened
+    assert "set-default was done on: a; not tried on: c" in done.stderr and done.stderr.startswith("error: b: ")
+
+
+@pytest.mark.parametrize("url, message", [("http://[::1:8080", "is not a valid URL"),
+                                          ("http://user:secret@127.0.0.1:8080", "holds credentials"),
+                                          ("http://127.0.0.1:65535", "management URL would be port 65536")])
+def test_url_mistakes_are_one_line(tmp_path, url, message):
+    (tmp_path / "a.png").write_bytes(b"x")
+    done = subprocess.run([str(PYTHON), str(REPO / "scripts" / "classify_dir.py"), str(tmp_path), "--url", url,
+                           "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_an_output_that_is_a_folder_is_one_line_and_a_shard_with_no_files_merges(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "out").mkdir()
+    done = subprocess.run([str(PYTHON), str(REPO / "scripts" / "classify_dir.py"), str(tmp_path), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "is a folder" in done.stderr and "Traceback" not in done.stderr
+    empty = tmp_path / "s1.csv"
+    results.RowWriter(empty, results.FIELDS, append=False).close()  # shard 1 had no file: a header only
+    full = tmp_path / "s0.jsonl"
+    full.write_text(json.dumps(ROW) + "\n")
+    merged = merge(tmp_path, full, empty)
+    assert merged.returncode == 0, merged.stderr
