@@ -39,6 +39,7 @@ class ReplicaState:
     errors: int = 0
     server_errors: int = 0  # 5xx answers in a row (other than the transient ones)
     key_refused: bool = False  # out because it refused our credentials: configuration, not availability
+    probe_after: float = 0.0  # time.monotonic() before which it is not probed (backs off as it fails again)
 
 
 def ping_state(state: ReplicaState) -> str | None:
@@ -238,6 +239,8 @@ class Dispatcher:
             state.healthy, state.why = False, " ".join(why.split())
             state.out_why = state.why
             state.taken_out += 1
+            # a replica that passes the probe but fails again (every inference a 500) waits longer each time
+            state.probe_after = time.monotonic() + self.probe_interval * (2 ** min(state.taken_out - 1, 5) - 1)
             state.sender.abort.set()  # its files waiting to retry there go elsewhere
             if not any(s.healthy for s in self.states) and self._all_out_since is None:
                 # kept while replicas come back and fail again before answering: the grace runs out
@@ -246,7 +249,7 @@ class Dispatcher:
 
     def _probe_loop(self) -> None:
         while not self.abort.wait(self.probe_interval):
-            for state in [s for s in self.states if not s.healthy]:
+            for state in [s for s in self.states if not s.healthy and time.monotonic() >= s.probe_after]:
                 with self.changed:  # wait for its last requests to leave before its abort is cleared
                     if state.in_flight:
                         continue

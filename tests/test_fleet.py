@@ -115,7 +115,7 @@ def test_fleet_file_with_duplicate_names_or_urls_names_both_entries(tmp_path):
 @pytest.mark.parametrize("url,needle", [
     ("ftp://h:1", "must be an http(s) URL with a host"),
     ("http://:8080", "must be an http(s) URL with a host"),
-    ("http://h:99999", "invalid port"),
+    ("http://h:99999", "Port out of range"),
     ("http://h:8080/predictions/tiny", "without a path"),
     ("8080", "must be a URL such as http://HOST:PORT, got 8080"),
     ("localhost:8080", "must be an http(s) URL with a host"),
