@@ -43,7 +43,7 @@ from client.sending import Classifier, Retry, RunCheck, resolve_model
 from client.shards import parse_shard, shard_of
 from core.errors import EXIT_FAILED, EXIT_OK, Refused, ServerUnavailable, UserError, command
 from core.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, parse_extensions, true_label_of
-from core.torchserve import add_server_flags
+from core.torchserve import TorchServe, add_server_flags
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -174,19 +174,24 @@ def _default_version(state: ReplicaState, model: str) -> str | None:
         return "?"
 
 
+def keep_out_failing(states: list[ReplicaState], check: RunCheck, source: str) -> list[TorchServe]:
+    """Put out, with its reason, each healthy replica that fails `check`; the servers left in."""
+    for state in states:
+        if state.healthy:
+            why = check.problem(state.server, ready=False)
+            state.healthy, state.why = why is None, why
+    return healthy_servers(states, source)
+
+
 def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
     """Replicas -> probed, model resolved and checked on each -> the run's dispatcher, its model, the
     preprocessing mode used and the run's checks. A replica failing a check starts out, with its reason."""
     replicas, source = replicas_from_args(args)
     states = probe_replicas(replicas, args.timeout)
     model = resolve_model(args, healthy_servers(states, source))
-    for check in (RunCheck(model, args.version), None):  # is the model there; then is it the same everywhere
-        check = check or run_check(args, states, model)
-        for state in states:
-            if state.healthy:
-                why = check.problem(state.server, ready=False)
-                state.healthy, state.why = why is None, why
-        server = healthy_servers(states, source)[0]
+    keep_out_failing(states, RunCheck(model, args.version), source)  # the model is there, with a worker
+    check = run_check(args, states, model)  # then: one version and one preprocessing among those left
+    server = keep_out_failing(states, check, source)[0]
     mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
     for state in states:
         state.sender = Classifier(state.server, model, args.version, topk=args.topk, timeout=args.timeout)

@@ -63,18 +63,25 @@ def probe_replicas(replicas: list[Replica], timeout: float) -> list[ReplicaState
     return states
 
 
+def all_out(states: list[ReplicaState], what: str | None) -> ServerUnavailable:
+    """The error when no replica is in: `what` and each replica's reason (None: one replica's own
+    reason alone); KeyRefused (configuration, exit 2) when every one is out for refusing our credentials."""
+    kind = KeyRefused if all(s.key_refused for s in states) else ServerUnavailable
+    if what is None:
+        return kind(str(states[0].why))
+    return kind(f"{what} ({'; '.join(f'{s.replica.name}: {s.why}' for s in states)})")
+
+
 def healthy_servers(states: list[ReplicaState], source: str) -> list[TorchServe]:
-    """The servers of the replicas that are in; ServerUnavailable naming every reason when none is."""
+    """The servers of the replicas that are in; the all-out error when none is."""
     servers = [s.server for s in states if s.healthy]
-    if not servers:
-        kind = KeyRefused if all(s.key_refused for s in states) else ServerUnavailable
-        reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in states)
-        raise kind(f"no replica of {source} answers: {reasons}" if len(states) > 1 else str(states[0].why))
+    if not servers:  # one server: its own reason says it all
+        raise all_out(states, None if len(states) == 1 else f"no replica of {source} answers")
     return servers
 
 
 class _Abort(threading.Event):
-    """The run's abort: setting it stops every replica's sender and wakes every waiting thread."""
+    """The run's abort: setting it wakes every thread waiting for a replica."""
 
     def __init__(self, dispatcher: "Dispatcher"):
         super().__init__()
@@ -82,9 +89,6 @@ class _Abort(threading.Event):
 
     def set(self) -> None:
         super().set()
-        for state in self._dispatcher.states:
-            if state.sender is not None:
-                state.sender.abort.set()
         with self._dispatcher.changed:
             self._dispatcher.changed.notify_all()
 
@@ -217,9 +221,7 @@ class Dispatcher:
                     return state
                 if (self._all_out_since is not None and not any(s.healthy for s in self.states)
                         and time.monotonic() - self._all_out_since > self.grace):
-                    reasons = "; ".join(f"{s.replica.name}: {s.why}" for s in self.states)
-                    kind = KeyRefused if all(s.key_refused for s in self.states) else ServerUnavailable
-                    raise kind(f"no replica answered for {self.grace:g}s ({reasons})")
+                    raise all_out(self.states, f"no replica answered for {self.grace:g}s")
                 self.changed.wait(0.2)
         return None
 
@@ -234,14 +236,13 @@ class Dispatcher:
             state.key_refused = state.key_refused or key_refused
 
     def _take_out_locked(self, state: ReplicaState, why: str) -> None:
-        """Send nothing more there and stop its retries; the probe brings it back."""
+        """Send nothing more there (files waiting to retry go elsewhere); the probe brings it back."""
         if state.healthy:
             state.healthy, state.why = False, " ".join(why.split())
             state.out_why = state.why
             state.taken_out += 1
             # a replica that passes the probe but fails again (every inference a 500) waits longer each time
             state.probe_after = time.monotonic() + self.probe_interval * (2 ** min(state.taken_out - 1, 5) - 1)
-            state.sender.abort.set()  # its files waiting to retry there go elsewhere
             if not any(s.healthy for s in self.states) and self._all_out_since is None:
                 # kept while replicas come back and fail again before answering: the grace runs out
                 self._all_out_since = time.monotonic()
@@ -250,7 +251,7 @@ class Dispatcher:
     def _probe_loop(self) -> None:
         while not self.abort.wait(self.probe_interval):
             for state in [s for s in self.states if not s.healthy and time.monotonic() >= s.probe_after]:
-                with self.changed:  # wait for its last requests to leave before its abort is cleared
+                with self.changed:  # a hanging replica comes back only once its last requests have left
                     if state.in_flight:
                         continue
                 try:
@@ -259,7 +260,6 @@ class Dispatcher:
                     why = f"probe failed: {type(e).__name__}: {e}"
                 with self.changed:
                     if why is None and not self.abort.is_set():
-                        state.sender.abort.clear()
                         state.healthy, state.server_errors, state.key_refused = True, 0, False
                         self.changed.notify_all()
                     elif why is not None:

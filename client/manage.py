@@ -146,9 +146,7 @@ def read_replicas(members: list[Member], args: argparse.Namespace) -> str:
                                              f"no version skew"]
         print("\n".join(lines))
     unreadable = [s for s in snaps if s.error]
-    if unreadable and not several and isinstance(unreadable[0].failure, (ServerUnavailable, Refused, UserError)):
-        raise unreadable[0].failure  # one server: its own error, with its own exit code
-    if unreadable:
+    if unreadable:  # several replicas (one server raised its own error above)
         raise ServerUnavailable(f"{len(unreadable)} of {len(snaps)} replicas could not be read "
                                 f"({', '.join(s.replica for s in unreadable)}); the lines above show the rest")
     if args.command == "describe" and not any(s.models for s in snaps):

@@ -97,7 +97,6 @@ class Classifier:
         self.server, self.model, self.version = server, model, version
         self.versions = VersionTracker(server, model, version)
         self.topk, self.timeout = topk, timeout
-        self.abort = threading.Event()  # set while the replica is out: its files stop waiting on it
 
     def send(self, body: bytes, content_type: str, row: dict) -> Answer:
         """One POST (resent once per key renewal); KeyRefused or ServerUnavailable when the replica

@@ -180,6 +180,9 @@ def test_a_bug_in_a_version_lookup_is_not_taken_for_an_unknown_version(monkeypat
     from client.sending import VersionTracker
 
     server = torchserve.TorchServe("http://127.0.0.1:9", keys=torchserve.Keys(keys={}))
-    monkeypatch.setattr(server, "default_version", lambda model: None["x"])  # a TypeError: a bug
+    def buggy(model):
+        raise TypeError("'NoneType' object is not subscriptable")  # a bug, not an unknown version
+
+    monkeypatch.setattr(server, "default_version", buggy)
     with pytest.raises(TypeError):
         VersionTracker(server, "m", None).version_for(0.0)

@@ -226,7 +226,6 @@ class FakeSender:
     """A replica's classifier: answers `status` after `delay`, or raises ServerUnavailable while `down`."""
 
     def __init__(self, delay: float = 0.0, status: int = 200, reason: str | None = None):
-        self.abort = threading.Event()
         self.delay, self.down, self.calls, self.status, self.reason = delay, False, 0, status, reason
 
     def send(self, body, content_type, row):
@@ -253,6 +252,18 @@ def fake_fleet(senders: list[FakeSender], probe, per_replica: int = 2, grace: fl
         states.append(ReplicaState(replica, replica.api(), sender))
     return Dispatcher(states, per_replica, retry or Retry(backoff=0.01), prepare=send_file, max_bytes=1 << 20,
                       model="m", admit=probe, probe_interval=0.05, grace=grace)
+
+
+def classify_at_once(sender: Dispatcher, image: Path, count: int) -> list:
+    """`count` files through the dispatcher from `count` threads at once; their results."""
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(sender.classify(image, f"{i}.png")))
+               for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
 
 
 @pytest.fixture
@@ -304,13 +315,7 @@ def test_a_replica_answering_500_to_everything_is_taken_out_and_its_files_answer
     senders = [FakeSender(status=500), FakeSender(delay=0.01)]
     sender = fake_fleet(senders, probe=lambda s: None if s.replica.name == "r1" else "still failing",
                         per_replica=4)
-    results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(sender.classify(image, f"{i}.png")))
-               for i in range(60)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = classify_at_once(sender, image, 60)
     assert len(results) == 60 and all(row["status"] == "ok" and row["replica"] == "r1" for row, _ in results)
     bad = sender.states[0]
     assert not bad.healthy and bad.taken_out == 1 and "server errors in a row" in bad.out_why, bad
@@ -378,13 +383,7 @@ def test_a_replica_answering_502_is_taken_out_and_its_files_answered_elsewhere(i
     senders = [FakeSender(status=502), FakeSender(delay=0.01)]
     sender = fake_fleet(senders, probe=lambda s: "502 on /ping" if s.replica.name == "r0" else None,
                         per_replica=4, retry=Retry(total=1, backoff=0.01))
-    results = []
-    threads = [threading.Thread(target=lambda i=i: results.append(sender.classify(image, f"{i}.png")))
-               for i in range(80)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = classify_at_once(sender, image, 80)
     assert len(results) == 80 and all(row["status"] == "ok" for row, _ in results)
     assert not sender.states[0].healthy and "server errors in a row" in sender.states[0].out_why
     sender.close()
