@@ -1,15 +1,22 @@
 # The two images of deploy/kubernetes, from the repository root (docs/kubernetes.md, "Images"):
 #   docker build --target server -t REGISTRY/ts-batch-classify-server:0.1.0 .
 #   docker build --target client -t REGISTRY/ts-batch-classify-client:0.1.0 .
+# `make test-images` builds both here with podman and runs them as the manifests declare
+# (scripts/images.sh, tests/images/).
 # server: TorchServe, its workers' packages, nginx and the probe (the replica pods; nginx's
 # configuration comes from a ConfigMap made of deploy/nginx).
 # client: the classifier and rollout commands only, no torch, no Java (the Jobs).
-# Each installs the packages it names with requirements.txt's pins as constraints, so an image
-# never runs a version the tests did not (tests/test_kubernetes.py checks the names are pinned).
+# Each installs its lock (requirements-server.lock, requirements-client.lock: written by
+# deploy/lock.py from the tested .venv, every package pinned with its hash; tests/test_lock.py
+# fails when a lock and .venv differ), so an image never runs a version the tests did not.
 # Debian 12 (bookworm) because it packages the Java 17 runtime TorchServe 0.12 is tested with.
-# The digest pins the base image (update it and the tag together); not pulled from this repository's
-# machines (no container registry reachable): check it with `docker buildx imagetools inspect`.
-FROM python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91 AS base
+# BASE: the digest pins the base image (update it and the tag together); where it cannot be pulled
+# (no container registry reachable), scripts/images.sh builds a stand-in from Debian's packages
+# and passes it here. A build machine that intercepts TLS passes its CA bundle as the build secret
+# `ca` (`--secret id=ca,src=FILE`): mounted for pip's run only, never written into a layer.
+ARG BASE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
+# checkov:skip=CKV_DOCKER_7: BASE defaults to a tag pinned by digest (the ARG above); a stand-in is passed only by scripts/images.sh
+FROM ${BASE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -20,12 +27,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # A high uid/gid (above the host's usual range), the same in both images and every pod.
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin app
 WORKDIR /app
-COPY requirements.txt .
 RUN python -m venv /app/.venv
+# pip with the build secret `ca` as its CA bundle when one is given.
+RUN printf '#!/bin/sh\n[ -s /run/secrets/ca ] && export PIP_CERT=/run/secrets/ca\nexec pip install --no-deps --require-hashes "$@"\n' \
+        >/usr/local/bin/pip-locked && chmod 755 /usr/local/bin/pip-locked
 
 FROM base AS client
-# What core/, client/ and handler/preprocessing.py import (no torch: the client decodes with PIL/numpy).
-RUN pip install -c requirements.txt requests PyYAML numpy pillow tqdm
+# What core/, client/ and handler/preprocessing.py import (no torch: the client decodes with PIL/numpy),
+# and matplotlib for --class-folders' confusion matrix (deploy/lock.py names the roots).
+COPY requirements-client.lock .
+RUN --mount=type=secret,id=ca pip-locked -r requirements-client.lock
 COPY core/ core/
 COPY client/ client/
 COPY handler/ handler/
@@ -41,14 +52,17 @@ FROM base AS server
 # container runtime mounts only with "utility".
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # Java 17 for TorchServe's frontend, nginx in front of it, tini as PID 1 to pass signals to the
-# whole process group. The man1 folder: the JRE's post-install step links manual pages there.
+# whole process group, procps for `kill`: TorchServe stops a worker by running `kill -9 PID`
+# (without it every scale-down and unregister answers 500). The man1 folder: the JRE's
+# post-install step links manual pages there.
 RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        openjdk-17-jre-headless nginx tini \
+        openjdk-17-jre-headless nginx tini procps \
     && rm -rf /var/lib/apt/lists/*
 # What the workers import (torch's Linux wheels are CUDA builds, ~5.5 GB), and the probe's requests.
-RUN pip install -c requirements.txt torch torchvision torchserve PyYAML pillow numpy psutil requests
+COPY requirements-server.lock .
+RUN --mount=type=secret,id=ca pip-locked -r requirements-server.lock
 COPY handler/ handler/
 COPY core/ core/
 COPY deploy/kubernetes/start-torchserve.sh deploy/kubernetes/probe.py deploy/kubernetes/

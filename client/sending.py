@@ -35,8 +35,8 @@ class Retry:
     total: int = 3
     backoff: float = 0.25
     max_backoff: float = 8.0
-    statuses: frozenset[int] = frozenset({502, 503, 504, 507})  # tried again after a backoff
-    busy: frozenset[int] = frozenset({503, 507})  # queue full, out of memory: the server is there
+    statuses: frozenset[int] = frozenset({429, 502, 503, 504, 507})  # tried again after a backoff
+    busy: frozenset[int] = frozenset({429, 503, 507})  # too many at once, queue full, out of memory: the server is there
     take_out_after: int = 5  # 5xx answers in a row, other than `busy` ones
 
     def allows(self, attempt: int) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -49,12 +50,38 @@ def read_keys(path: str | os.PathLike) -> dict[str, str]:
     return keys
 
 
+TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]{32,512}")
+
+
 def read_token(path: str | os.PathLike) -> str:
-    """A bearer token from a file (the front proxy's inference or management token), whitespace stripped."""
-    token = Path(path).read_text(encoding="utf-8").strip()
-    if not token or any(c.isspace() for c in token):
-        raise ValueError("the token file must hold one token on one line")
-    return token
+    """The bearer token to send from a token file: its first token line.
+
+    The rule deploy/nginx/render.sh reads the same file by: one token a line (two during a
+    rotation), each line stripped, blank lines and #-comments skipped, 32 to 512 characters of
+    letters, digits and . _ ~ + / = -. nginx accepts every line; a client sends the first, so a
+    rotation puts the new token first only once every proxy accepts it (docs/security.md).
+    """
+    tokens = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not TOKEN_CHARS.fullmatch(token):
+            raise ValueError(f"line {number}: a token is 32 to 512 letters, digits or . _ ~ + / = - "
+                             f"(found {len(token)} characters)")
+        tokens.append(token)
+    if not tokens:
+        raise ValueError("the token file holds no token")
+    return tokens[0]
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten (a Kubernetes Secret update swaps a link)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def management_url_for(inference_url: str) -> str:
@@ -120,8 +147,9 @@ class Keys:
     Either TorchServe's own key_file.json (token authorization on: inference, management and API
     keys; an expired key is renewed with the API key) or the front proxy's tokens (token_file for
     inference and read-only management calls, management_token_file for every management call),
-    re-read from their files when refused, so a rotated token is picked up. The files are read on
-    first use: an unreadable one is that server's ServerUnavailable, not a crash at start.
+    re-read from their files when refused or when a token file changes, so a rotated token is
+    picked up before the proxy drops the old one. The files are read on first use: an unreadable
+    one is that server's ServerUnavailable, not a crash at start.
     """
 
     def __init__(self, key_file: str | os.PathLike | None = None, management_url: str | None = None,
@@ -138,6 +166,11 @@ class Keys:
         self._renewing = threading.Lock()  # one renewal at a time; readers of the keys never wait for it
         self._keys = dict(keys) if keys is not None else None
         self._session: requests.Session | None = None
+        self._token_files = [f for f in (self.token_file, self.management_token_file) if f]
+        self._signatures = self._token_signatures()
+
+    def _token_signatures(self) -> list:
+        return [file_signature(f) for f in self._token_files]
 
     @property
     def source(self) -> str:
@@ -172,13 +205,20 @@ class Keys:
 
     def get(self, kind: str) -> str | None:
         """The current key of `kind` ("inference", "management", "API"), or None."""
+        signatures = self._token_signatures() if self._token_files else None
         with self._lock:
-            if self._keys is not None:
+            if self._keys is not None and signatures == self._signatures:
                 return self._keys.get(kind)
-        fresh = self._read()
+        try:
+            fresh = self._read()
+        except ServerUnavailable:
+            with self._lock:  # a token file caught mid-rewrite: keep the last good token, look again
+                if self._keys is not None:
+                    return self._keys.get(kind)
+            raise
         with self._lock:
-            if self._keys is None:
-                self._keys = fresh
+            if self._keys is None or signatures != self._signatures:
+                self._keys, self._signatures = fresh, signatures
             return self._keys.get(kind)
 
     def headers(self, kind: str) -> dict[str, str]:

@@ -73,19 +73,50 @@ def test_an_unreadable_key_file_is_that_servers_error_when_used_not_at_construct
         keys.get("inference")
 
 
+TOKEN_I, TOKEN_M, TOKEN_NEW = "i" * 40, "m" * 40, "n" * 40
+
+
 def test_token_files_give_the_proxy_tokens_and_a_bad_one_is_named(tmp_path):
     inference, management = tmp_path / "inference", tmp_path / "management"
-    inference.write_text("tok-inference\n")
-    management.write_text("tok-management")
+    inference.write_text(f"{TOKEN_I}\n")
+    management.write_text(TOKEN_M)
     keys = torchserve.Keys(token_file=inference, management_token_file=management)
     assert keys.key_file is None  # never the local key_file.json
-    assert keys.headers("inference") == {"Authorization": "Bearer tok-inference"}
-    assert keys.headers("management") == {"Authorization": "Bearer tok-management"}
+    assert keys.headers("inference") == {"Authorization": f"Bearer {TOKEN_I}"}
+    assert keys.headers("management") == {"Authorization": f"Bearer {TOKEN_M}"}
     reader_only = torchserve.Keys(token_file=inference)
-    assert reader_only.headers("management") == {"Authorization": "Bearer tok-inference"}  # reads only
+    assert reader_only.headers("management") == {"Authorization": f"Bearer {TOKEN_I}"}  # reads only
     inference.write_text("two words\n")
-    with pytest.raises(ServerUnavailable, match=f"cannot read token file {inference}"):
+    with pytest.raises(ServerUnavailable, match=f"cannot read token file {inference}: line 1: a token is 32"):
         torchserve.Keys(token_file=inference).get("inference")
+
+
+def test_a_token_file_of_several_lines_sends_its_first_token_as_nginx_reads_it(tmp_path):
+    """The rotation's files (docs/security.md): render.sh accepts every line, the client sends the first."""
+    path = tmp_path / "token"
+    path.write_text(f"# rotation under way\n\n  {TOKEN_I}  \r\n{TOKEN_NEW}\n")
+    assert torchserve.read_token(path) == TOKEN_I
+    path.write_text(f"{TOKEN_NEW}\n{TOKEN_I}\n")
+    assert torchserve.read_token(path) == TOKEN_NEW
+    for bad, why in ((f"{TOKEN_I}\nshort\n", "line 2: a token is 32"), ("# only a comment\n", "holds no token")):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=why):
+            torchserve.read_token(path)
+
+
+def test_a_changed_token_file_is_read_before_the_next_request_and_a_torn_write_keeps_the_last(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN_I}\n")
+    keys = torchserve.Keys(token_file=path)
+    assert keys.get("inference") == TOKEN_I
+    staged = tmp_path / "token.new"  # the way a Secret volume is updated: a new file swapped in
+    staged.write_text(f"{TOKEN_NEW}\n{TOKEN_I}\n")
+    staged.replace(path)
+    assert keys.get("inference") == TOKEN_NEW  # no refusal needed to see it
+    path.write_text("")  # caught between truncate and write
+    assert keys.get("inference") == TOKEN_NEW
+    path.write_text(f"{TOKEN_I}\n")
+    assert keys.get("inference") == TOKEN_I
 
 
 def test_exit_codes_say_what_a_scheduler_should_do():

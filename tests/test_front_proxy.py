@@ -4,6 +4,7 @@ wrong port, request targets shaped for request forgery, bodies over the limit, a
 slow clients. Malformed requests go out on raw sockets: an HTTP library would refuse to send them."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -17,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -439,6 +441,106 @@ def test_rotation_with_reload(proxy):
         token_file.write_text(f"{proxy.token}\n")
         proxy.run("reload")
         assert wait_for(lambda: ping(proxy.token) == 200, 20)
+
+
+def test_the_documented_rotation_refuses_no_request_of_a_running_client(proxy):
+    """docs/security.md's steps (old+new, new+old, new; a reload after each) while a client sends
+    /ping with the token file: the client follows the file's first line, nginx never answers 401."""
+    import threading
+
+    from core.torchserve import Keys, new_session, request_with_key
+    token_file = Path(proxy.env["PROXY_TOKEN_FILE"])
+    old, new = proxy.token, secrets.token_hex(24)
+    keys, session, statuses, stop = Keys(token_file=token_file), new_session(1), [], threading.Event()
+    session.hooks["response"].append(lambda r, *a, **k: statuses.append(r.status_code))
+
+    def client():
+        while not stop.is_set():
+            request_with_key(session, "GET", f"{proxy.url}/ping", keys, "inference", timeout=10)
+
+    def step(text: str) -> None:
+        staged = token_file.with_name(token_file.name + ".new")
+        staged.write_text(text)
+        staged.replace(token_file)
+        assert proxy.run("reload").returncode == 0
+        sent = len(statuses)
+        assert wait_for(lambda: len(statuses) > sent + 20, 30)  # the client kept going through it
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        for text in (f"{old}\n{new}\n", f"{new}\n{old}\n", f"{new}\n"):
+            step(text)
+        assert keys.get("inference") == new
+    finally:
+        stop.set()
+        sender.join(30)
+        session.close()
+        token_file.write_text(f"{old}\n")
+        proxy.run("reload")
+    assert len(statuses) > 60 and set(statuses) == {200}, sorted(set(statuses))
+
+
+def test_the_worst_case_of_uploads_cannot_fill_the_spool_past_its_budget(tmp_path):
+    """Every class of body nginx spools to disk, each sent past its cap at once and held (the
+    upstream never answers: a listening socket stands in for TorchServe, which cannot be made to
+    hold a request): what is on disk stays within PROXY_SPOOL_BYTES, the rest get 429 at once."""
+    max_body, budget = 2_000_000, 20_000_000
+    config = tmp_path / "config.properties"
+    config.write_text(f"max_request_size={max_body}\n")
+    hold = socket.socket()
+    hold.bind(("127.0.0.1", 0))
+    hold.listen(256)
+    base = proxy_base()
+    front = new_proxy(base, None, config)
+    front.env.update(PROXY_BACKEND=f"http://127.0.0.1:{hold.getsockname()[1]}", PROXY_SPOOL_BYTES=str(budget),
+                     PROXY_BODY_TIMEOUT="60")
+    held, spool = [], base / "run" / "tmp" / "client_body"
+    sizes = [300_000] * 8 + [max_body] * 8  # small class (under 1 MB) and medium (7 digits)
+    try:
+        started = front.run("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        rendered = (base / "run" / "nginx.conf").read_text()
+        caps = [int(re.search(rf"limit_conn spool_{c} (\d+);", rendered).group(1)) for c in ("small", "medium", "large")]
+        assert caps == [budget // 4 // 1_000_000, budget // 4 // max_body, budget // 2 // max_body]  # 5, 2, 5
+        for size in sizes:
+            conn = socket.create_connection(("127.0.0.1", front.port), timeout=30)
+            conn.sendall(raw_request("POST", f"/predictions/{MODEL}", front.token, b"\x00" * size))
+            held.append(conn)
+        chunked = (f"POST /predictions/{MODEL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {front.token}\r\n"
+                   f"Transfer-Encoding: chunked\r\n\r\n{max_body:x}\r\n").encode() + b"\x00" * max_body + b"\r\n0\r\n\r\n"
+        for _ in range(8):  # no declared size: the large class
+            conn = socket.create_connection(("127.0.0.1", front.port), timeout=30)
+            conn.sendall(chunked)
+            held.append(conn)
+        workers = psutil.Process(front.pid()).children()
+
+        def on_disk() -> int:
+            """Bytes of the spool's files: nginx unlinks each at once, so they are seen as its workers' fds."""
+            total = 0
+            for worker in workers:
+                for fd in Path(f"/proc/{worker.pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd).startswith(str(spool)):
+                            total += os.stat(fd).st_size
+            return total
+        held_large = (2 + 5) * max_body  # the medium and large bodies held stay on disk until answered
+        assert wait_for(lambda: on_disk() >= held_large, 60), on_disk()
+        refused = []
+        for conn in held:
+            conn.settimeout(0.5)
+            try:
+                refused.append(statuses(conn.recv(4096)))
+            except TimeoutError:
+                refused.append("held")
+        assert refused.count("held") == 5 + 2 + 5 and refused.count([429]) == len(held) - 12, refused
+        assert held_large <= on_disk() <= 5 * 300_000 + held_large <= budget  # small ones may be in memory
+    finally:
+        for conn in held:
+            conn.close()
+        hold.close()
+        front.run("stop")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_start_fails_with_the_reason(ts_config):

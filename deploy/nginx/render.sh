@@ -68,6 +68,18 @@ MAX_BODY=$(sed -n 's/^[[:space:]]*max_request_size[[:space:]]*=[[:space:]]*//p' 
 MAX_BODY=${MAX_BODY:-6553500}
 case "$MAX_BODY" in *[!0-9]*) die "$TS_CONFIG: max_request_size='$MAX_BODY' is not a number of bytes" ;; esac
 
+# The spool's budget (the pods' nginx volume less room for the config): the template's three
+# classes of spooled bodies (over 256 KiB and under 1 MB, under 10 MB, larger or chunked) get a
+# quarter, a quarter and a half of it, each body counted at its class's largest size.
+SPOOL_BYTES=${PROXY_SPOOL_BYTES:-1006632960}
+case "$SPOOL_BYTES" in ''|*[!0-9]*) die "PROXY_SPOOL_BYTES='$SPOOL_BYTES': expected a number of bytes" ;; esac
+smaller() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+SPOOL_SMALL=$(( SPOOL_BYTES / 4 / $(smaller 1000000 "$MAX_BODY") ))
+SPOOL_MEDIUM=$(( SPOOL_BYTES / 4 / $(smaller 10000000 "$MAX_BODY") ))
+SPOOL_LARGE=$(( SPOOL_BYTES / 2 / MAX_BODY ))
+[ "$SPOOL_LARGE" -ge 1 ] && [ "$SPOOL_MEDIUM" -ge 1 ] && [ "$SPOOL_SMALL" -ge 1 ] \
+    || die "PROXY_SPOOL_BYTES=$SPOOL_BYTES is too small for max_request_size=$MAX_BODY (at least $(( 2 * MAX_BODY )) for one body of each class)"
+
 # Paths go into the config unquoted: letters, digits and / . _ + - only.
 safe_path() {
     case "$2" in
@@ -149,6 +161,9 @@ metrics_filter='/^#BEGIN metrics$/,/^#END metrics$/d'
         -e "s|@USER_DIRECTIVE@|$USER_DIRECTIVE|g" \
         -e "s|@WORKERS@|$workers|g" \
         -e "s|@MAX_BODY@|$MAX_BODY|g" \
+        -e "s|@SPOOL_SMALL@|$SPOOL_SMALL|g" \
+        -e "s|@SPOOL_MEDIUM@|$SPOOL_MEDIUM|g" \
+        -e "s|@SPOOL_LARGE@|$SPOOL_LARGE|g" \
         -e "s|@HEADER_TIMEOUT@|$HEADER_TIMEOUT|g" \
         -e "s|@BODY_TIMEOUT@|$BODY_TIMEOUT|g" \
         -e "s|@UPSTREAM_TIMEOUT@|$UPSTREAM_TIMEOUT|g" \
@@ -170,7 +185,8 @@ if ! out=$("$NGINX" -t -q -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.c
 fi
 echo "render.sh: $PROXY_DIR/nginx.conf (inference $LISTEN -> $INFERENCE_BACKEND, management" \
      "$MANAGEMENT_LISTEN -> $MANAGEMENT_BACKEND${METRICS_LISTEN:+, metrics $METRICS_LISTEN -> $METRICS_BACKEND}," \
-     "body limit $MAX_BODY bytes from $TS_CONFIG)"
+     "body limit $MAX_BODY bytes from $TS_CONFIG, spool caps $SPOOL_SMALL/$SPOOL_MEDIUM/$SPOOL_LARGE" \
+     "within $SPOOL_BYTES bytes)"
 if [ "$MODE" = --foreground ]; then
     exec "$NGINX" -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.conf" -g 'daemon off;'
 fi

@@ -1,0 +1,124 @@
+"""The images' lock files, written from the tested environment (.venv).
+
+Each image installs exactly what the tests ran: its packages and every package they pull in, at
+the versions .venv holds, each with the sha256 of the wheel pip would fetch for this platform
+(so `pip install --require-hashes` refuses anything else). tests/test_lock.py fails when a lock
+and .venv differ; rerun this after changing requirements.txt and `make install`:
+
+    .venv/bin/python deploy/lock.py            # rewrite both locks
+    .venv/bin/python deploy/lock.py --check    # exit 1 naming what differs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+# What each image's commands import (the Dockerfile installs the lock, nothing else).
+IMAGES = {
+    # TorchServe, the workers' packages (handler/ imports torch, torchvision, PIL, numpy, yaml,
+    # psutil) and the probe's requests.
+    "server": ["torch", "torchvision", "torchserve", "PyYAML", "pillow", "numpy", "psutil", "requests"],
+    # core/, client/ and handler/preprocessing.py: no torch; matplotlib draws the confusion matrix.
+    "client": ["requests", "PyYAML", "numpy", "pillow", "tqdm", "matplotlib"],
+}
+
+
+def lock_path(image: str) -> Path:
+    return ROOT / f"requirements-{image}.lock"
+
+
+def closure(roots: list[str]) -> dict[str, str]:
+    """Every distribution the roots need in this environment, name -> installed version."""
+    env = default_environment()
+    found: dict[str, str] = {}
+    todo = [(Requirement(r), "") for r in roots]
+    while todo:
+        req, extra = todo.pop()
+        name = canonicalize_name(req.name)
+        if req.marker and not req.marker.evaluate({**env, "extra": extra}):
+            continue
+        dist = metadata.distribution(req.name)
+        new = name not in found
+        found[name] = dist.version
+        for sub in (dist.requires or []) if new else []:
+            todo.append((Requirement(sub), ""))
+        for ext in req.extras:  # an extra's requirements, marked `extra == "..."`
+            todo.extend((Requirement(sub), ext) for sub in dist.requires or [] if "extra ==" in sub)
+    return dict(sorted(found.items()))
+
+
+def wheel_hashes(pins: dict[str, str]) -> dict[str, str]:
+    """sha256 of the file pip picks for each pin on this platform, from pip's resolver report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reqs, report = Path(tmp, "pins.txt"), Path(tmp, "report.json")
+        reqs.write_text("".join(f"{n}=={v}\n" for n, v in pins.items()))
+        env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+        env["PIP_CONFIG_FILE"] = os.devnull  # a machine-wide pip config may cap versions
+        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                        "--no-deps", "--only-binary", ":all:", "--report", str(report), "-r", str(reqs)],
+                       check=True, env=env)
+        out = {}
+        for item in json.loads(report.read_text())["install"]:
+            name = canonicalize_name(item["metadata"]["name"])
+            out[name] = item["download_info"]["archive_info"]["hashes"]["sha256"]
+    return out
+
+
+def render(image: str, pins: dict[str, str], hashes: dict[str, str]) -> str:
+    head = (f"# The {image} image's packages, written by deploy/lock.py from the tested .venv: every\n"
+            f"# package pinned, transitive ones included, with the sha256 of this platform's wheel.\n"
+            f"# Roots: {', '.join(IMAGES[image])}. Do not edit by hand.\n")
+    return head + "".join(f"{n}=={v} --hash=sha256:{hashes[n]}\n" for n, v in pins.items())
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith("#"):
+            spec = line.split()[0]
+            name, version = spec.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def differences(image: str) -> list[str]:
+    """What differs between an image's lock and the closure of its roots in this environment."""
+    path = lock_path(image)
+    if not path.exists():
+        return [f"{path.name}: missing"]
+    locked, venv = read_lock(path), closure(IMAGES[image])
+    return [f"{path.name}: {n} locked {locked.get(n, 'absent')}, .venv has {venv.get(n, 'absent')}"
+            for n in sorted(set(locked) | set(venv)) if locked.get(n) != venv.get(n)]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Write (or check) the images' lock files from .venv.")
+    parser.add_argument("--check", action="store_true", help="only compare the locks with .venv; exit 1 on a difference")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.check:
+        diffs = [d for image in IMAGES for d in differences(image)]
+        print("\n".join(diffs) or "lock: both locks match .venv")
+        return 1 if diffs else 0
+    for image, roots in IMAGES.items():
+        pins = closure(roots)
+        lock_path(image).write_text(render(image, pins, wheel_hashes(pins)))
+        print(f"lock: {lock_path(image).name}: {len(pins)} packages")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
