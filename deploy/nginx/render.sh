@@ -5,6 +5,8 @@
 # contract written at the top of the template; every error is one line naming what is wrong.
 #   sh deploy/nginx/render.sh                 render and check the result with `nginx -t`
 #   sh deploy/nginx/render.sh --foreground    render, then exec nginx in the foreground (a pod)
+#   sh deploy/nginx/render.sh --reload        render again, then have the running nginx reload
+#                                             (a rotated token: docs/security.md)
 # Tokens never appear on a command line: they are read and written by shell built-ins only.
 set -eu
 
@@ -15,7 +17,7 @@ NGINX=$(command -v nginx 2>/dev/null || true)
 [ -n "$NGINX" ] || { [ -x /usr/sbin/nginx ] && NGINX=/usr/sbin/nginx; } \
     || die "nginx not found (on PATH or /usr/sbin); 'make install' installs Debian's nginx"
 MODE=${1:-check}
-case "$MODE" in check|--foreground) ;; *) die "usage: render.sh [--foreground]" ;; esac
+case "$MODE" in check|--foreground|--reload) ;; *) die "usage: render.sh [--foreground|--reload]" ;; esac
 
 : "${PROXY_DIR:?PROXY_DIR must name a writable folder for the rendered config, pid and logs}"
 : "${PROXY_TOKEN_FILE:?PROXY_TOKEN_FILE must name the file holding the inference token}"
@@ -189,4 +191,7 @@ echo "render.sh: $PROXY_DIR/nginx.conf (inference $LISTEN -> $INFERENCE_BACKEND,
      "within $SPOOL_BYTES bytes)"
 if [ "$MODE" = --foreground ]; then
     exec "$NGINX" -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.conf" -g 'daemon off;'
+fi
+if [ "$MODE" = --reload ]; then
+    exec "$NGINX" -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.conf" -s reload
 fi
