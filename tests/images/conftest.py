@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,24 @@ APP_UID = 10001
 REPLICAS = 2  # the manifest asks for 3 (one a GPU node); two show a fleet on this machine's 2 cores
 DIGITS = [str(d) for d in range(10)]
 NGINX_PORTS = [8090, 8091, 8092]
+SESSION_LABEL = "ts-batch-classify.test-session"  # the pid of the pytest that made the pod
+
+
+def remove_leftovers() -> None:
+    """Pods, networks and rules an earlier session left behind when it was killed (its pid gone):
+    the pods keep the manifests' names (ts-0, ...), which a new session needs."""
+    from core.torchserve import pid_alive
+    listed = podman("pod", "ps", "--filter", f"label={SESSION_LABEL}", "--format", "{{.Name}} {{.Labels}}",
+                    check=False).stdout
+    for line in listed.splitlines():
+        name, labels = line.split(" ", 1)
+        found = re.search(re.escape(SESSION_LABEL) + r":(\d+)", labels)
+        if found and not pid_alive(int(found.group(1))):
+            podman("pod", "rm", "-f", "-t", "0", name, check=False)
+    for network in podman("network", "ls", "--format", "{{.Name}}", check=False).stdout.split():
+        if network.startswith("tsbc-") and network[5:].isdigit() and not pid_alive(int(network[5:])):
+            podman("network", "rm", "-f", network, check=False)
+            subprocess.run(["nft", "delete", "table", "bridge", f"tsbc_{network[5:]}"], capture_output=True)
 
 
 def podman(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -128,7 +147,7 @@ class Cluster:
         args = ["pod", "create", "--name", pod.name, "--network", self.network, "--hostname", pod.name]
         for host, ip in pod.hosts:
             args += ["--add-host", f"{host}:{ip}"]
-        for key, value in pod.labels.items():
+        for key, value in {**pod.labels, SESSION_LABEL: str(os.getpid())}.items():
             args += ["--label", f"{key}={value}"]
         podman(*args)
         podman("pod", "start", pod.name)
@@ -275,6 +294,7 @@ def rendered() -> dict[str, list[dict]]:
 @pytest.fixture(scope="session")
 def cluster(built, rendered, tmp_path_factory) -> Cluster:
     """Two replica pods of the StatefulSet, ready, with digits 1.0 served and 1.1 waiting in incoming/."""
+    remove_leftovers()
     root = Path(tempfile.mkdtemp(prefix="ts-images-"))  # under /tmp: the containers' users reach it
     root.chmod(0o755)
     network = f"tsbc-{os.getpid()}"

@@ -2,7 +2,8 @@
 
 From each command (argv), follow our own imports (core/, client/, handler/) file by file, every
 import statement at any depth (a function's `import matplotlib` too), and import each other
-module named. Prints one JSON object: the modules imported and those that failed, with why.
+module named. Prints one JSON object: the modules imported, those that failed (with why) and, for
+each module, the files that import it.
 """
 import ast
 import importlib
@@ -36,13 +37,14 @@ def imports_of(path: Path) -> set[str]:
 
 def main(commands: list[str]) -> None:
     sys.path.insert(0, str(APP))
-    todo, seen, external = [Path(c) for c in commands], set(), set()
+    todo, seen, external, importers = [Path(c) for c in commands], set(), set(), {}
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
         for name in imports_of(path):
+            importers.setdefault(name, []).append(str(path))
             if name.split(".")[0] in OURS:
                 found = our_file(name)
                 if found is None:
@@ -58,7 +60,7 @@ def main(commands: list[str]) -> None:
         except Exception as e:  # noqa: BLE001 - every failure is reported, none stops the scan
             failed[name] = f"{type(e).__name__}: {e}"
     print(json.dumps({"files": sorted(str(p) for p in seen), "imported": sorted(set(external) - set(failed)),
-                      "failed": failed}))
+                      "failed": failed, "importers": {n: sorted(set(importers[n])) for n in failed}}))
 
 
 if __name__ == "__main__":
