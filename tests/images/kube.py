@@ -96,7 +96,7 @@ def podman_run(pod: Pod, container: dict, maps: dict[str, dict[str, str]], image
     env = pod.env(container, maps)
     security = {**pod.spec.get("securityContext", {}), **container.get("securityContext", {})}
     args = ["podman", "run", "--pod", pod.name, "--name", f"{pod.name}-{container['name']}", "--pull", "never",
-            "--restart", restart, "--log-driver", "k8s-file"]
+            "--restart", restart, "--log-driver", "k8s-file", "--no-healthcheck"]  # Kubernetes ignores HEALTHCHECK
     args.append("-d" if detach else "--rm")
     assert security.get("runAsNonRoot") and security["runAsUser"] != 0
     args += ["--user", f"{security['runAsUser']}:{security.get('runAsGroup', security['runAsUser'])}"]

@@ -4,6 +4,8 @@ Run by `make test-images` (tests/images/conftest.py builds and starts everything
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -246,7 +248,11 @@ def test_a_torchserve_container_killed_mid_run_loses_no_file(cluster, rendered):
     try:
         assert wait_for(lambda: sum(len(s.read_text().splitlines()) for s in
                                     (cluster.claim("classify-data") / "results" / run.uid).glob("shard-*")) > 200, 300)
-        subprocess.run(["podman", "kill", "-s", "KILL", f"{victim}-torchserve"], check=True, capture_output=True)
+        # From outside, as the kernel's OOM killer or a crash would: `podman kill` is a user's stop,
+        # which podman's restart policy (like the kubelet's for a deleted pod) does not undo.
+        pid = int(subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", f"{victim}-torchserve"],
+                                 check=True, capture_output=True, text=True).stdout)
+        os.kill(pid, signal.SIGKILL)
         killed_while_running = run.running()
     finally:
         run.wait()
