@@ -281,10 +281,10 @@ def built() -> dict[str, str]:
     started = time.monotonic()
     done = subprocess.run(["bash", str(IMAGES_SH), "build"], capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, f"scripts/images.sh build failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    disk = podman("system", "df", "--format", "{{.Type}} {{.Size}} ({{.Reclaimable}} reclaimable)").stdout
-    free = shutil.disk_usage("/var/lib/containers" if Path("/var/lib/containers").exists() else "/").free
-    print(f"\n{done.stderr.strip()}\nimages: both ready in {time.monotonic() - started:.0f} s; podman's storage: "
-          f"{'; '.join(disk.split(chr(10))[:2])}; {free / 1e9:.0f} GB free")
+    storage = podman("info", "--format", "{{.Store.GraphRoot}}").stdout.strip()
+    free = shutil.disk_usage(storage).free
+    print(f"\n{done.stderr.strip()}\nimages: both ready in {time.monotonic() - started:.0f} s; "
+          f"{free / 1e9:.0f} GB free under podman's storage {storage}")
     return {"ts-batch-classify-server": env["SERVER_IMAGE"], "ts-batch-classify-client": env["CLIENT_IMAGE"]}
 
 
