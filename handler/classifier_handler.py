@@ -16,7 +16,7 @@ import torch
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import batch_inference, device, pixel_payload, preprocessing, request_decoding
+from handler import aot, batch_inference, device, pixel_payload, preprocessing, request_decoding
 
 logger = logging.getLogger(__name__)
 THREADS_RECHECK_S = 10.0  # how often `cpu_threads: auto` recounts the workers running
@@ -37,8 +37,16 @@ class ClassifierHandler(BaseHandler):
         device.use_full_fp32()  # before any model runs: fp32 must not silently be TF32
         self.device = device.select_device(properties)
         self.reports = device.read_reports(model_dir)
-        self.precision, reason = device.resolve_precision(self.settings.precision, self.device, self.reports)
-        self.dtype = device.DTYPES[self.precision]
+        serialized = ((context.manifest or {}).get("model") or {}).get("serializedFile", "model.pt")
+        self.package = None
+        if serialized.endswith(".pt2"):  # an AOTInductor package: its precision is the package's
+            self.model, self.package = aot.load_package(model_dir / serialized, self.device)
+            self.precision, reason = device.resolve_package_precision(self.settings.precision, self.package,
+                                                                      self.reports)
+            self.dtype = torch.float32  # the package takes float32 and converts inside its graph
+        else:
+            self.precision, reason = device.resolve_precision(self.settings.precision, self.device, self.reports)
+            self.dtype = device.DTYPES[self.precision]
         self.precision_reason = reason
         # auto: cores // workers of this server now running; rechecked as workers come and go.
         self.configured_workers = int(model_yaml.get("minWorkers") or 1)
@@ -47,8 +55,8 @@ class ClassifierHandler(BaseHandler):
         self.adjust_threads()
         self.preprocess_config = preprocessing.PreprocessConfig.load(model_dir / "preprocess.json")
         self.labels = batch_inference.load_labels(model_dir / "index_to_name.json")
-        serialized = ((context.manifest or {}).get("model") or {}).get("serializedFile", "model.pt")
-        self.model = batch_inference.load_model(model_dir / serialized, self.device, self.precision)
+        if self.package is None:
+            self.model = batch_inference.load_model(model_dir / serialized, self.device, self.precision)
         batch_inference.check_model_outputs(self.model, self.preprocess_config, len(self.labels),
                                             self.device, self.dtype)
         self.manifest = context.manifest
@@ -106,6 +114,8 @@ class ClassifierHandler(BaseHandler):
             "precision": {"served": self.precision, "configured": self.settings.precision,
                           "why": self.precision_reason, "device": str(self.device),
                           "agreement_reports": self.reports},
+            "format": "pt2" if self.package else "torchscript",
+            "package": self.package,  # the .pt2's record: precision, march and the CPU flags it needs
         }
 
     def handle(self, data: list, context) -> list:

@@ -95,7 +95,7 @@ def missing_capability(device: torch.device, precision: str) -> str | None:
 def read_reports(model_dir: str | os.PathLike) -> dict[str, dict]:
     """The agreement reports packaged in the archive, by precision; unreadable ones are left out."""
     reports = {}
-    for precision in DTYPES:
+    for precision in [*DTYPES, "pt2-fp32", "pt2-bf16", "pt2-int8"]:
         path = Path(model_dir) / REPORT_PATTERN.format(precision)
         if path.is_file():
             try:
@@ -135,6 +135,28 @@ def resolve_precision(requested: str, device: torch.device, reports: dict[str, d
                                f"(top-1 agreement {report.get('agreement')} %, "
                                f"accuracy {report.get('accuracy_fp32')} -> {report.get('accuracy')} %)")
     raise AssertionError("AUTO_ORDER ends with fp32")
+
+
+def resolve_package_precision(requested: str, package: dict, reports: dict[str, dict]) -> tuple[str, str]:
+    """A .pt2 archive serves its package's precision; the reason, or DeviceError when the setting
+    asks for another or the packaged report is about another package or did not pass."""
+    precision = package["precision"]
+    if requested not in ("auto", precision):
+        raise DeviceError(f"model-config.yaml handler.precision {requested}, but the archive's package was "
+                          f"compiled at {precision}: set auto or {precision}")
+    report = reports.get(f"pt2-{precision}")
+    if report is None:
+        return precision, ("the package's precision, WITHOUT an agreement report in the archive "
+                           "(packaged with --no-precision-check)")
+    if report.get("package_sha256") != package.get("package_sha256"):
+        raise DeviceError(f"the archive's agreement report for pt2-{precision} is about another package "
+                          f"(sha256 {str(report.get('package_sha256'))[:12]}..., this one "
+                          f"{str(package.get('package_sha256'))[:12]}...): refused")
+    if not passed(report):
+        raise DeviceError(f"the archive's agreement report for pt2-{precision} did not pass: refused")
+    return precision, (f"the package's precision; agreement report passed (top-1 agreement "
+                       f"{report.get('agreement')} %, accuracy {report.get('accuracy_fp32')} -> "
+                       f"{report.get('accuracy')} %)")
 
 
 def use_full_fp32() -> None:

@@ -7,7 +7,6 @@ writes RUN/precision-P.json; scripts/archive.sh packages it, and `auto` in the h
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from handler import batch_inference
+from handler import aot, batch_inference
 from handler import device as devices
 from handler.preprocessing import PreprocessConfig, load_tensor
 from training.dataset import read_list
@@ -30,35 +29,40 @@ def report_path(run_dir: str | Path, precision: str) -> Path:
     return Path(run_dir) / devices.REPORT_PATTERN.format(precision)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = aot.file_sha256
 
 
-def served_probabilities(run_dir: Path, precision: str, images: list[torch.Tensor],
+def served_probabilities(model, dtype: torch.dtype, images: list[torch.Tensor],
                          where: torch.device) -> tuple[torch.Tensor, float]:
-    """Softmax of model.pt served at `precision`, in batches as the handler runs them; and seconds."""
-    model = batch_inference.load_model(run_dir / "model.pt", where, precision)
-    dtype = devices.DTYPES[precision]
+    """Softmax of a loaded model, in batches as the handler runs them; and seconds."""
     start = time.perf_counter()
     rows = [batch_inference.forward_batch(model, images[i:i + BATCH_SIZE], where, dtype)
             for i in range(0, len(images), BATCH_SIZE)]
     return torch.cat(rows), time.perf_counter() - start
 
 
-def measure(run_dir: str | Path, precision: str, val_list: str | Path, where: torch.device) -> dict:
-    """The figures of the report (no verdict): agreement, accuracies, probability differences, time."""
+def measure(run_dir: str | Path, precision: str, val_list: str | Path, where: torch.device,
+            package: str | Path | None = None) -> dict:
+    """The figures of the report (no verdict): agreement, accuracies, probability differences, time.
+
+    The reference is model.pt at fp32; the other side model.pt at `precision`, or with `package`
+    that AOTInductor package (its precision; float32 in and out), loaded as a worker loads it."""
     run_dir = Path(run_dir)
     labels = load_labels(run_dir / "index_to_name.json")
     samples = read_list(val_list, labels)
     cfg = PreprocessConfig.load(run_dir / "preprocess.json")
     images = [load_tensor(path, cfg) for path, _ in samples]
     truth = torch.tensor([label for _, label in samples])
-    reference, seconds_fp32 = served_probabilities(run_dir, "fp32", images, where)
-    lower, seconds = served_probabilities(run_dir, precision, images, where)
+    reference, seconds_fp32 = served_probabilities(
+        batch_inference.load_model(run_dir / "model.pt", where, "fp32"), torch.float32, images, where)
+    extra = {}
+    if package is None:
+        model, dtype = batch_inference.load_model(run_dir / "model.pt", where, precision), devices.DTYPES[precision]
+    else:
+        model, meta = aot.load_package(package, where)
+        dtype, precision = torch.float32, f"pt2-{meta['precision']}"
+        extra = {"package": Path(package).name, "package_sha256": meta["package_sha256"], "march": meta["march"]}
+    lower, seconds = served_probabilities(model, dtype, images, where)
     per_image = (reference - lower).abs().max(dim=1).values
     top1_fp32, top1 = reference.argmax(dim=1), lower.argmax(dim=1)
     return {
@@ -69,7 +73,7 @@ def measure(run_dir: str | Path, precision: str, val_list: str | Path, where: to
         "max_probability_difference": per_image.max().item(),
         "p99_probability_difference": torch.quantile(per_image, 0.99).item(),
         "seconds_fp32": round(seconds_fp32, 3), "seconds": round(seconds, 3),
-        "model_sha256": file_sha256(run_dir / "model.pt"), "val_list": str(Path(val_list).resolve()),
+        "model_sha256": file_sha256(run_dir / "model.pt"), "val_list": str(Path(val_list).resolve()), **extra,
     }
 
 

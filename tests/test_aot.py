@@ -1,0 +1,119 @@
+"""AOTInductor packages (.pt2): compiled once, loaded without a compiler, refused when they must be,
+and served by a real TorchServe with the answers of model.pt (the tiny model of fixed weights)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from handler import aot, device
+from tests.conftest import ARCHIVE, LABELS, MODEL, REPO, make_server, write_images
+from tests.tiny_model import TinyNet, make_tiny_run
+from training import aot as export_aot
+from training import agreement
+
+IMAGE_SIZE = (8, 8)
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def pt2_run(tmp_path_factory):
+    """A run folder (model.pt of TinyNet) with model-fp32.pt2 compiled beside it, and a val list."""
+    run = make_tiny_run(tmp_path_factory.mktemp("pt2-run"), labels=LABELS, image_size=IMAGE_SIZE)
+    export_aot.export_pt2(TinyNet(3), export_aot.package_path(run, "fp32"), "fp32", IMAGE_SIZE, BATCH,
+                          agreement.file_sha256(run / "model.pt"))
+    images = tmp_path_factory.mktemp("pt2-images")
+    paths = write_images(images, 24)
+    (images / "val.list").write_text("".join(f"{p}\t{p.split('/')[0]}\n" for p in paths))
+    return run, images
+
+
+def test_the_package_records_what_it_needs_and_runs_every_batch_size_as_the_model(pt2_run):
+    run, _ = pt2_run
+    package = export_aot.package_path(run, "fp32")
+    meta = json.loads(aot.meta_path(package).read_text())
+    assert meta["precision"] == "fp32" and meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    assert meta["march"] in aot.MARCH_FLAGS and meta["cpu_flags"] == aot.MARCH_FLAGS[meta["march"]]
+    assert meta["package_sha256"] == aot.file_sha256(package)
+    assert meta["model_sha256"] == agreement.file_sha256(run / "model.pt")
+    compiled, _ = aot.load_package(package, torch.device("cpu"))
+    eager = TinyNet(3).eval()
+    x = torch.randn(BATCH, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        singles = torch.cat([compiled(x[i:i + 1]) for i in range(BATCH)])
+        for n in (1, 3, 8):  # no padding: the batch dimension is dynamic
+            out = compiled(x[:n])
+            assert out.shape == (n, 3)
+            # tolerance: fp32 sums in another order (batched kernels), far below any top-1 change
+            assert torch.allclose(out, singles[:n], atol=1e-5) and torch.allclose(out, eager(x[:n]), atol=1e-5)
+
+
+def test_a_cpu_lacking_a_recorded_feature_is_refused_naming_it(pt2_run, tmp_path):
+    package = export_aot.package_path(pt2_run[0], "fp32")
+    needed = json.loads(aot.meta_path(package).read_text())["cpu_flags"]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: " + " ".join(f for f in needed if f != "avx2") + "\n")
+    with pytest.raises(aot.PackageRefused, match="this CPU lacks avx2: serve model.pt"):
+        aot.load_package(package, torch.device("cpu"), cpuinfo)
+
+
+def test_a_changed_package_or_one_for_another_device_or_torch_is_refused(pt2_run, tmp_path):
+    package = export_aot.package_path(pt2_run[0], "fp32")
+    copy = tmp_path / package.name
+    shutil.copy(package, copy)
+    shutil.copy(aot.meta_path(package), aot.meta_path(copy))
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(aot.PackageRefused, match="changed after it was made"):
+        aot.check_package(copy, torch.device("cpu"))
+    with pytest.raises(aot.PackageRefused, match="compiled for cpu, this worker runs on cuda:0"):
+        aot.check_package(package, torch.device("cuda:0"))
+    meta = json.loads(aot.meta_path(package).read_text())
+    shutil.copy(package, copy)
+    aot.meta_path(copy).write_text(json.dumps({**meta, "torch": "2.0.0"}))
+    with pytest.raises(aot.PackageRefused, match="compiled with torch 2.0.0"):
+        aot.check_package(copy, torch.device("cpu"))
+
+
+def test_the_handler_takes_only_a_passing_report_about_this_very_package():
+    package = {"precision": "int8", "package_sha256": "a" * 64}
+    good = {"pt2-int8": {"passed": True, "package_sha256": "a" * 64, "agreement": 100.0}}
+    assert device.resolve_package_precision("auto", package, good)[0] == "int8"
+    with pytest.raises(device.DeviceError, match="about another package"):
+        device.resolve_package_precision("auto", package, {"pt2-int8": {**good["pt2-int8"], "package_sha256": "b" * 64}})
+    with pytest.raises(device.DeviceError, match="did not pass"):
+        device.resolve_package_precision("int8", package, {"pt2-int8": {**good["pt2-int8"], "passed": False}})
+    with pytest.raises(device.DeviceError, match="compiled at int8"):
+        device.resolve_package_precision("bf16", package, good)
+
+
+def test_the_gate_archives_and_a_real_torchserve_serves_the_package_as_model_pt(pt2_run, tmp_path, server):
+    run, images = pt2_run
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {"MODEL_STORE": str(store), "PATH": f"{REPO / '.venv' / 'bin'}:/usr/bin:/bin"}
+    refused = subprocess.run(["bash", str(ARCHIVE), str(run), MODEL, "2.0", "--pt2", "fp32"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "needs a passing agreement report on this package" in refused.stderr
+    figures = agreement.measure(run, "fp32", images / "val.list", torch.device("cpu"),
+                                export_aot.package_path(run, "fp32"))
+    report = agreement.write_report(run, figures, agreement.MIN_AGREEMENT, agreement.MAX_ACCURACY_DROP)
+    assert report["passed"] and report["agreement"] == 100.0 and report["precision"] == "pt2-fp32", report
+    done = subprocess.run(["bash", str(ARCHIVE), str(run), MODEL, "2.0", "--pt2", "fp32"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    served = make_server(tmp_path, store, run, [f"{MODEL}-2.0.mar"])
+    with served.running() as pt2_server:
+        api, reference = pt2_server.api(), server.api()
+        described = api.describe(MODEL, "2.0", customized="true")[0]["customizedMetadata"]
+        described = json.loads(described) if isinstance(described, str) else described
+        assert described["format"] == "pt2" and described["package"]["precision"] == "fp32"
+        for path in sorted(images.rglob("*.png")):
+            ours = api.predict(MODEL, "2.0", path.read_bytes()).json()
+            theirs = reference.predict(MODEL, None, path.read_bytes()).json()
+            assert ours[0]["label"] == theirs[0]["label"] == path.parent.name
+            assert abs(ours[0]["probability"] - theirs[0]["probability"]) <= 1e-5
