@@ -65,6 +65,37 @@ def make_run(run_dir: Path, arch: str, image_size: int, num_classes: int, seed: 
     return run_dir
 
 
+def make_packages(run_dir: Path, arch: str, image_size: int, num_classes: int, seed: int,
+                  precisions: list[str], calibration: list[Path], batch_size: int) -> None:
+    """RUN/model-P.pt2 for each P (training/aot.py): the same fixed-seed weights as model.pt, int8
+    calibrated on `calibration` (the benchmark's own images). A package already made from this
+    model.pt with this torch is kept (compiling takes minutes on a small CPU)."""
+    import torch
+
+    from handler import aot
+    from handler.preprocessing import load_tensor
+    from training import aot as export_aot
+    from training.agreement import file_sha256
+    from training.model import build_model
+
+    model_sha = file_sha256(run_dir / "model.pt")
+    cfg = PreprocessConfig.load(run_dir / "preprocess.json")
+    for precision in precisions:
+        out = export_aot.package_path(run_dir, precision)
+        try:
+            meta = aot.read_meta(out)
+            if meta["model_sha256"] == model_sha and meta["torch"] == torch.__version__ and out.is_file():
+                continue
+        except aot.PackageRefused:
+            pass
+        torch.manual_seed(seed)
+        model = build_model(arch, num_classes)
+        images = [load_tensor(p, cfg) for p in calibration] if precision == "int8" else None
+        started = time.perf_counter()
+        export_aot.export_pt2(model, out, precision, (image_size, image_size), batch_size, model_sha, images)
+        print(f"benchmark: compiled {out.name} in {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def _fresh_folder(folder: Path, settings: dict) -> Path | None:
     """None when `folder` already holds this set; else an empty folder to write it into."""
     if _stamp_matches(folder, settings):

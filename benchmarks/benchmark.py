@@ -231,9 +231,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=None,
                         help="classify_dir.py --concurrency (default: classify_dir.py's own default)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock handler")
-    parser.add_argument("--precisions", default="fp32,bf16",
-                        help="handler.precision values to measure (limit, served, client each); bf16 is "
-                             "left out on a CPU without native bf16")
+    parser.add_argument("--precisions", default="fp32,bf16,pt2-fp32,pt2-bf16,pt2-int8",
+                        help="what to measure (limit, served, client each): handler.precision values of "
+                             "model.pt (fp32, bf16) and AOTInductor packages (pt2-fp32, pt2-bf16, pt2-int8, "
+                             "compiled once and kept under bench/run); bf16 is left out on a CPU without "
+                             "native bf16")
     parser.add_argument("--tune", nargs="+", metavar="SPEC", default=None,
                         help="measure served variants beside the current one, e.g. 'workers=2,threads=1' "
                              "(keys: name batch delay workers threads concurrency preprocess handler=REV|DIR "
@@ -259,8 +261,9 @@ class Bench:
     out: Path  # classify_dir.py's result files
 
     def limit(self, files: list[Path], batch_size: int, precision: str = "fp32") -> Result:
+        # a package takes float32 and converts inside its graph
         return measure_limit(files, self.models[precision], self.cfg, self.labels, batch_size, self.pool,
-                             devices.DTYPES[precision])
+                             devices.DTYPES.get(precision, torch.float32))
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]], Path, Bench]:
@@ -279,19 +282,32 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, list[Path]], Path
     store = WORK / "store"
     store.mkdir(parents=True, exist_ok=True)
     (WORK / "out").mkdir(parents=True, exist_ok=True)
-    bench = Bench({p: batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), p)
-                   for p in precisions(args)},
+    packages = [p.removeprefix("pt2-") for p in precisions(args) if p.startswith("pt2-")]
+    served_batch = int(yaml.safe_load((ROOT / "handler" / "model-config.yaml").read_text())["batchSize"])
+    calibration = sets.get("png") or next(iter(sets.values()))
+    assets.make_packages(run_dir, args.arch, args.image_size, 10, args.seed, packages, calibration[:64],
+                         max(served_batch, *(int(b) for b in args.batch_sizes.split(","))))
+    bench = Bench({p: load_for_limit(run_dir, p) for p in precisions(args)},
                   preprocessing.PreprocessConfig.load(run_dir / "preprocess.json"),
                   batch_inference.load_labels(run_dir / "index_to_name.json"), limit_pool(), WORK / "out")
     return run_dir, sets, store, bench
 
 
+def load_for_limit(run_dir: Path, precision: str):
+    """The model as a worker loads it: model.pt at a precision, or a .pt2 package."""
+    if precision.startswith("pt2-"):
+        from handler import aot
+        from training.aot import package_path
+        return aot.load_package(package_path(run_dir, precision.removeprefix("pt2-")), torch.device("cpu"))[0]
+    return batch_inference.load_model(run_dir / "model.pt", torch.device("cpu"), precision)
+
+
 def precisions(args: argparse.Namespace) -> list[str]:
-    """--precisions, less bf16 on a CPU without native bf16 (said once)."""
+    """--precisions, less bf16 (model.pt's and the package's) on a CPU without native bf16 (said once)."""
     wanted = [p.strip() for p in args.precisions.split(",") if p.strip()]
-    if "bf16" in wanted and not devices.cpu_has_native_bf16():
-        print("benchmark: this CPU has no native bf16: fp32 only", flush=True)
-        wanted.remove("bf16")
+    if {"bf16", "pt2-bf16"} & set(wanted) and not devices.cpu_has_native_bf16():
+        print("benchmark: this CPU has no native bf16: no bf16 rows", flush=True)
+        wanted = [p for p in wanted if p not in ("bf16", "pt2-bf16")]
     return wanted
 
 
@@ -305,8 +321,8 @@ def start_servers(run_dir: Path, store: Path, stock: bool, served_precisions: li
     no agreement report to gate on (--no-precision-check)."""
     servers = {}
     for precision in served_precisions:
-        archive = assets.archive_project(run_dir, store, "bench", precision, "--precision", precision,
-                                         "--no-precision-check")
+        how = ["--pt2", precision.removeprefix("pt2-")] if precision.startswith("pt2-") else ["--precision", precision]
+        archive = assets.archive_project(run_dir, store, "bench", precision, *how, "--no-precision-check")
         servers[server_key(precision)] = LocalServer(WORK / "servers" / server_key(precision), store, [archive],
                                                      start_timeout=180)
     if stock:
@@ -385,6 +401,10 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
             row["vs_fp32"] = result.images_s / reference.images_s
             if "workers" in result.cpu_ms:
                 row["workers_cpu_vs_fp32"] = result.cpu_ms["workers"] / reference.cpu_ms["workers"]
+            if precision == "pt2-int8" and ("bf16", path) in medians:  # issue 23: int8 against bf16 TorchScript
+                row["vs_bf16"] = result.images_s / medians["bf16", path].images_s
+                if "workers" in result.cpu_ms:
+                    row["workers_cpu_vs_bf16"] = result.cpu_ms["workers"] / medians["bf16", path].cpu_ms["workers"]
         rows.append(row)
     return rows, sweeps, warning
 
@@ -413,6 +433,8 @@ def report(args: argparse.Namespace, rows: list[dict], sweeps: dict[str, dict[in
              f"{args.concurrency or 'default (16)'}.  ",
              "Stock: image_classifier handler, batch size 1, config.properties' default workers, "
              "one request at a time (keep-alive).  ",
+             "From start to READY (TorchServe and its worker, one server at a time): "
+             + ", ".join(f"{k} {v:.1f} s" for k, v in getattr(args, "start_times", {}).items()) + ".  ",
              f"Each figure is the median of {args.runs} runs taken in interleaved rounds.", "", table, "",
              format_targets(rows), "", *warning_lines,
              "CPU time per image (median of the same runs; the limit's is all in the client column, "
@@ -441,9 +463,14 @@ def main(args: argparse.Namespace) -> None:
     servers: dict[str, LocalServer] = {}
     try:
         servers = start_servers(run_dir, store, stock=not args.no_stock, served_precisions=precisions(args))
-        for server in servers.values():
+        start_times = {}
+        for key, server in servers.items():  # one at a time: each start has the cores to itself
+            began = time.perf_counter()
             server.start()
-        print(f"benchmark: servers ready after {time.perf_counter() - started:.0f}s", flush=True)
+            start_times[key] = time.perf_counter() - began
+        print(f"benchmark: servers ready after {time.perf_counter() - started:.0f}s; from start to READY: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in start_times.items()), flush=True)
+        args.start_times = start_times
         for name, files in sets.items():
             set_rows, sweeps[name], warning = measure_set(name, files, servers, bench, args)
             rows += set_rows

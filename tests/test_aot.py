@@ -117,3 +117,28 @@ def test_the_gate_archives_and_a_real_torchserve_serves_the_package_as_model_pt(
             theirs = reference.predict(MODEL, None, path.read_bytes()).json()
             assert ours[0]["label"] == theirs[0]["label"] == path.parent.name
             assert abs(ours[0]["probability"] - theirs[0]["probability"]) <= 1e-5
+
+
+@pytest.mark.parametrize("calibration, passes", [("images", True), ("noise", False)])
+def test_int8_calibrated_on_images_passes_the_gate_and_on_noise_is_refused(pt2_run, tmp_path, calibration, passes):
+    """Static int8 (PT2E, x86): calibrated on the run's images it agrees with fp32; calibrated on
+    noise its activation ranges are wrong and the gate says so."""
+    from handler.preprocessing import PreprocessConfig, load_tensor
+    source, images = pt2_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "index_to_name.json", "preprocess.json"):
+        shutil.copy(source / name, run / name)
+    cfg = PreprocessConfig.load(run / "preprocess.json")
+    if calibration == "images":
+        samples = [load_tensor(p, cfg) for p in sorted(images.rglob("*.png"))]
+    else:  # seeded noise, a tenth of the images' spread
+        samples = list(0.1 * torch.randn(24, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0)))
+    package = export_aot.package_path(run, "int8")
+    meta = export_aot.export_pt2(TinyNet(3), package, "int8", IMAGE_SIZE, BATCH,
+                                 agreement.file_sha256(run / "model.pt"), samples)
+    assert meta["precision"] == "int8" and meta["calibration_images"] == 24
+    figures = agreement.measure(run, "int8", images / "val.list", torch.device("cpu"), package)
+    report = agreement.write_report(run, figures, agreement.MIN_AGREEMENT, agreement.MAX_ACCURACY_DROP)
+    assert report["precision"] == "pt2-int8" and report["package_sha256"] == meta["package_sha256"]
+    assert report["passed"] is passes, report

@@ -80,6 +80,28 @@ def test_server_image_scales_a_worker_down_and_unregisters_a_version(cluster, se
     assert cluster.exec(f"{name}-torchserve", "test", "-x", "/usr/bin/kill").returncode == 0
 
 
+def test_a_pt2_package_loads_in_the_server_image_without_a_compiler_from_a_read_only_store(built, tmp_path):
+    """The worker's side of an AOTInductor package: no compiler on the image, root and store read-only,
+    only the pod's /tmp writable; loaded with the handler's checks, batches of 1 and 3 answered."""
+    from handler import aot
+    from tests.tiny_model import TinyNet
+    from training import aot as export_aot
+    store = tmp_path / "store"
+    package = export_aot.package_path(store, "fp32")
+    export_aot.export_pt2(TinyNet(3), package, "fp32", (8, 8), 8, "0" * 64)
+    store.chmod(0o755)
+    code = ("import shutil, torch; from handler import aot; "
+            "assert not any(shutil.which(c) for c in ('gcc', 'cc', 'g++', 'c++', 'clang')), 'a compiler'; "
+            f"m, meta = aot.load_package('/store/{package.name}', torch.device('cpu')); "
+            "print(meta['march'], [tuple(m(torch.zeros(n, 3, 8, 8)).shape) for n in (1, 3)])")
+    done = subprocess.run(["podman", "run", "--rm", "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp",
+                           "--user", "10001:10001", "--cap-drop", "ALL", "--network", "none", "--no-healthcheck",
+                           "-v", f"{store}:/store:ro", "--entrypoint", '["python", "-c"]',
+                           built["ts-batch-classify-server"], code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == f"{aot.read_meta(package)['march']} [(1, 3), (3, 3)]", done.stdout
+
+
 def classify_job(cluster, rendered, **kw):
     return cluster.run_job(kube.one(rendered["classify"], "Job"), **kw)
 
