@@ -160,8 +160,24 @@ reload() {
     pid=$(running_pid)
     [ -n "$pid" ] || die "no nginx running from $PROXY_DIR; use start" 1
     sh "$REPO/deploy/nginx/render.sh" >/dev/null
+    # The workers of the old configuration keep accepting connections until the master has told
+    # them to leave: wait until they are gone, so that after `reload` only the new one answers
+    # (a token just removed is refused by every connection). Bounded: a worker finishing a long
+    # request is left to finish it.
+    local old_workers waited=0
+    old_workers=$(ps -o pid= --ppid "$pid" 2>/dev/null | tr -d ' ' || true)
     kill -HUP "$pid"
-    echo "front_proxy: nginx pid $pid reloads $PROXY_DIR/nginx.conf"
+    while [ "$waited" -lt 300 ]; do
+        local alive=""
+        for worker in $old_workers; do
+            [ "$(ps -o ppid= -p "$worker" 2>/dev/null | tr -d ' ')" = "$pid" ] && alive="$alive $worker"
+        done
+        old_workers=$alive
+        [ -z "$old_workers" ] && break
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    echo "front_proxy: nginx pid $pid reloaded $PROXY_DIR/nginx.conf${old_workers:+ (old workers$old_workers still finishing requests)}"
 }
 
 command=${1:-}
