@@ -1,9 +1,12 @@
-"""The images' lock files, written from the tested environment (.venv).
+"""The images' lock files and .venv's constraints, written from the tested environment (.venv).
 
 Each image installs exactly what the tests ran: its packages and every package they pull in, at
 the versions .venv holds, each with the sha256 of the wheel pip would fetch for this platform
-(so `pip install --require-hashes` refuses anything else). tests/test_lock.py fails when a lock
-and .venv differ; rerun this after changing requirements.txt and `make install`:
+(so `pip install --require-hashes` refuses anything else). constraints.txt pins every package of
+.venv, so `make install` on a fresh clone installs exactly these versions (without it, a package
+released upstream since would make a new .venv differ from the images). tests/test_lock.py fails
+when a lock, constraints.txt and .venv differ. After changing a pin in requirements.txt, change
+(or delete) its line in constraints.txt too, `make install`, then rerun this:
 
     .venv/bin/python deploy/lock.py            # rewrite both locks
     .venv/bin/python deploy/lock.py --check    # exit 1 naming what differs
@@ -34,8 +37,21 @@ IMAGES = {
 }
 
 
+NOT_PINNED = {"pip", "setuptools", "wheel", "ts-batch-classify"}  # the installer's own tools; this project
+
+
 def lock_path(image: str) -> Path:
     return ROOT / f"requirements-{image}.lock"
+
+
+def constraints_path() -> Path:
+    return ROOT / "constraints.txt"
+
+
+def venv_pins() -> dict[str, str]:
+    """Every distribution installed in this environment but the installer's own and this project."""
+    found = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    return dict(sorted((n, v) for n, v in found.items() if n not in NOT_PINNED))
 
 
 def closure(roots: list[str]) -> dict[str, str]:
@@ -92,31 +108,37 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def differences(image: str) -> list[str]:
-    """What differs between an image's lock and the closure of its roots in this environment."""
-    path = lock_path(image)
+def differences(image: str | None) -> list[str]:
+    """What differs between an image's lock (None: constraints.txt) and this environment."""
+    path = lock_path(image) if image else constraints_path()
     if not path.exists():
         return [f"{path.name}: missing"]
-    locked, venv = read_lock(path), closure(IMAGES[image])
+    locked, venv = read_lock(path), closure(IMAGES[image]) if image else venv_pins()
     return [f"{path.name}: {n} locked {locked.get(n, 'absent')}, .venv has {venv.get(n, 'absent')}"
             for n in sorted(set(locked) | set(venv)) if locked.get(n) != venv.get(n)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Write (or check) the images' lock files from .venv.")
+    parser = argparse.ArgumentParser(description="Write (or check) the images' lock files and constraints.txt from .venv.")
     parser.add_argument("--check", action="store_true", help="only compare the locks with .venv; exit 1 on a difference")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     if args.check:
-        diffs = [d for image in IMAGES for d in differences(image)]
-        print("\n".join(diffs) or "lock: both locks match .venv")
+        diffs = [d for image in [*IMAGES, None] for d in differences(image)]
+        print("\n".join(diffs) or "lock: both locks and constraints.txt match .venv")
         return 1 if diffs else 0
     for image, roots in IMAGES.items():
         pins = closure(roots)
         lock_path(image).write_text(render(image, pins, wheel_hashes(pins)))
         print(f"lock: {lock_path(image).name}: {len(pins)} packages")
+    pins = venv_pins()
+    constraints_path().write_text(
+        "# Every package of the tested .venv (written by deploy/lock.py): `make install` installs these\n"
+        "# versions, so a fresh clone's .venv equals the one the images' locks were written from.\n"
+        + "".join(f"{n}=={v}\n" for n, v in pins.items()))
+    print(f"lock: {constraints_path().name}: {len(pins)} packages")
     return 0
 
 

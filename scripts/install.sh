@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}
 # Checkov in its own venv: its pins (packaging 23.2, networkx 2.6.3) would downgrade torch's.
 CHECKOV="checkov==3.3.30"
 [ -x .venv-checkov/bin/python ] || "$PY" -m venv .venv-checkov
-stamp=".venv/.requirements-$(cat requirements.txt requirements-test.txt pyproject.toml <(echo "$CHECKOV") \
+stamp=".venv/.requirements-$(cat requirements.txt requirements-test.txt constraints.txt pyproject.toml <(echo "$CHECKOV") \
     | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ -x .venv-checkov/bin/checkov ]; then
     echo "install: .venv is up to date"
@@ -35,8 +35,10 @@ if [ -f "$stamp" ] && [ -x .venv-checkov/bin/checkov ]; then
 fi
 # PIP_CONFIG_FILE=/dev/null: a machine-wide pip config may carry a constraint
 # file that caps torch below the pinned release; the pins here are the truth.
-PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt
+# constraints.txt: every package of the tested .venv (deploy/lock.py), so a new .venv equals the one
+# the images' locks were written from, whatever was released since.
+PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+PIP_CONFIG_FILE=/dev/null .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-test.txt -c constraints.txt
 PIP_CONFIG_FILE=/dev/null .venv-checkov/bin/pip install --quiet --disable-pip-version-check "$CHECKOV"
 # The project itself, editable: its packages (client, handler, training, benchmarks) import from
 # anywhere, with no sys.path edits, and pyproject.toml's console scripts land in .venv/bin.

@@ -42,3 +42,15 @@ def test_a_lock_that_differs_from_the_venv_is_named_with_the_package(tmp_path, m
 def test_the_client_lock_holds_matplotlib_and_no_torch():
     names = load_lock_module().read_lock(REPO / "requirements-client.lock")
     assert "matplotlib" in names and "torch" not in names and "torchserve" not in names
+
+
+def test_constraints_pin_every_package_of_the_venv_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    """make install installs with constraints.txt: without a pin, a package released since floats."""
+    lock = load_lock_module()
+    shutil.copy(lock.constraints_path(), tmp_path)
+    monkeypatch.setattr(lock, "ROOT", tmp_path)
+    assert lock.differences(None) == []
+    path = tmp_path / "constraints.txt"
+    path.write_text("".join(line + "\n" for line in path.read_text().splitlines() if not line.startswith("filelock==")))
+    assert lock.differences(None) == [f"constraints.txt: filelock locked absent, .venv has {lock.venv_pins()['filelock']}"]
+    assert "-c constraints.txt" in (REPO / "scripts" / "install.sh").read_text()
