@@ -62,8 +62,8 @@ def read_token(path: str | os.PathLike) -> str:
     rotation puts the new token first only once every proxy accepts it (docs/security.md).
     """
     tokens = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        token = line.strip()
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):  # as render.sh
+        token = line.replace("\r", "").strip()
         if not token or token.startswith("#"):
             continue
         if not TOKEN_CHARS.fullmatch(token):
@@ -167,7 +167,7 @@ class Keys:
         self._keys = dict(keys) if keys is not None else None
         self._session: requests.Session | None = None
         self._token_files = [f for f in (self.token_file, self.management_token_file) if f]
-        self._signatures = self._token_signatures()
+        self._signatures = self._token_signatures() if self._token_files else None
 
     def _token_signatures(self) -> list:
         return [file_signature(f) for f in self._token_files]

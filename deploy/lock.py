@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -50,7 +51,9 @@ def constraints_path() -> Path:
 
 def venv_pins() -> dict[str, str]:
     """Every distribution installed in this environment but the installer's own and this project."""
-    found = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the venv's own folders only: setuptools puts its vendored packages on sys.path when imported
+    folders = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    found = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=folders)}
     return dict(sorted((n, v) for n, v in found.items() if n not in NOT_PINNED))
 
 

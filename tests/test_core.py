@@ -217,3 +217,11 @@ def test_a_bug_in_a_version_lookup_is_not_taken_for_an_unknown_version(monkeypat
     monkeypatch.setattr(server, "default_version", buggy)
     with pytest.raises(TypeError):
         VersionTracker(server, "m", None).version_for(0.0)
+
+
+def test_keys_given_directly_are_kept_and_never_replaced_by_a_local_key_file(tmp_path, monkeypatch):
+    """ping(url) builds Keys(keys={}): it must not pick up (and send) the local key_file.json."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "local-secret"}}))
+    assert torchserve.Keys(keys={}).get("inference") is None
+    assert torchserve.Keys(keys={"inference": "given"}).get("inference") == "given"

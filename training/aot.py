@@ -38,6 +38,19 @@ def march_for(flags: set[str]) -> str:
     raise RuntimeError("this CPU lacks x86-64-v2: AOTInductor packages are not made for it")
 
 
+# Instruction sets inductor enables beyond -march when the compiling CPU has them (its vec ISA's
+# -m flags), as /proc/cpuinfo names them: a package using them must be refused where they are missing.
+ISA_FLAGS = {"-mavx512bf16": "avx512_bf16", "-mavx512vnni": "avx512_vnni", "-mavx512fp16": "avx512_fp16",
+             "-mamx-tile": "amx_tile", "-mamx-bf16": "amx_bf16", "-mamx-int8": "amx_int8",
+             "-mavxvnni": "avx_vnni"}
+
+
+def isa_extension_flags() -> list[str]:
+    from torch._inductor import cpu_vec_isa
+    used = str(cpu_vec_isa.pick_vec_isa().build_arch_flags()).split()
+    return sorted({ISA_FLAGS[f] for f in used if f in ISA_FLAGS})
+
+
 class AtPrecision(nn.Module):
     """The model at a lower float precision, taking and giving float32 (what the handler sends)."""
 
@@ -98,10 +111,10 @@ def export_pt2(model: nn.Module, out: str | Path, precision: str, image_size: tu
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="aot-", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
-        with torch._inductor.config.patch({"freezing": True, "cpp.march": march}):
+        with torch._inductor.config.patch({"freezing": True, "cpp.march": march, "cpp.dynamic_threads": True}):
             torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
         meta = {"format": "pt2", "precision": precision, "device": "cpu", "torch": torch.__version__,
-                "march": march, "cpu_flags": aot.MARCH_FLAGS[march],
+                "march": march, "cpu_flags": aot.MARCH_FLAGS[march] + isa_extension_flags(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "batch_sizes": [1, batch_size], "image_size": list(image_size),
                 "package_sha256": aot.file_sha256(staged), "model_sha256": model_sha256,

@@ -151,7 +151,11 @@ def check_precision(args: argparse.Namespace, checkpoint: dict, run_dir: Path) -
     model_file = run_dir / "model.pt"
     if not model_file.is_file():
         raise UserError(f"{model_file}: not found; export the run first")
-    figures = agreement.measure(run_dir, args.check_precision, val_list, where, package)
+    from handler.aot import PackageRefused
+    try:
+        figures = agreement.measure(run_dir, args.check_precision, val_list, where, package)
+    except PackageRefused as e:
+        raise Refused(str(e)) from None
     report = agreement.write_report(run_dir, figures, args.min_agreement, args.max_accuracy_drop)
     summary = (f"{report['precision']} on {report['device']}: top-1 agreement {report['agreement']:.2f} %, "
                f"accuracy {report['accuracy_fp32']:.2f} -> {report['accuracy']:.2f} %, max probability "
@@ -213,12 +217,16 @@ def export_package(args: argparse.Namespace, checkpoint: dict, run_dir: Path, im
     (run_dir / devices.REPORT_PATTERN.format(f"pt2-{args.pt2}")).unlink(missing_ok=True)  # about the old package
     started = time.monotonic()
     model = model_from_checkpoint(checkpoint)
-    meta = aot.export_pt2(model, out, args.pt2, image_size, batch_size, file_sha256(model_file), calibration)
-    seconds = time.monotonic() - started
-    checked = "checked by the gate only (--check-precision)"
-    if args.pt2 != "int8":
-        tolerance = TOLERANCE * 10 if args.pt2 == "fp32" else 0.05
-        checked = f"reloaded and checked, max logit difference {aot.check_reload(out, model, args.pt2, image_size, batch_size, tolerance):.2e}"
+    try:
+        meta = aot.export_pt2(model, out, args.pt2, image_size, batch_size, file_sha256(model_file), calibration)
+        seconds = time.monotonic() - started
+        checked = "checked by the gate only (--check-precision)"
+        if args.pt2 != "int8":
+            tolerance = TOLERANCE * 10 if args.pt2 == "fp32" else 0.05
+            checked = (f"reloaded and checked, max logit difference "
+                       f"{aot.check_reload(out, model, args.pt2, image_size, batch_size, tolerance):.2e}")
+    except (RuntimeError, ValueError) as e:  # a refused package, a reload mismatch, an empty list
+        raise Refused(f"--pt2 {args.pt2}: {e}") from None
     print(f"compiled {checkpoint['arch']} at {args.pt2} to {out} for {meta['march']} (batches 1..{batch_size}) "
           f"in {seconds:.0f} s; {checked}; next: --check-precision --pt2 {args.pt2}")
 
