@@ -135,6 +135,10 @@ if pt2:
         sys.exit(f"error: {run}: --pt2 {pt2}: {e}")
     if meta.get("model_sha256") != model_sha:
         sys.exit(f"error: {package}: compiled from another model.pt than the run's; compile it again")
+    largest = int(config.get("batchSize") or 1)
+    if largest > meta["batch_sizes"][-1]:
+        sys.exit(f"error: {package}: takes batches up to {meta['batch_sizes'][-1]}, the archive's batchSize is "
+                 f"{largest}; compile it with --batch-size {largest}")
     name = REPORT_PATTERN.format(f"pt2-{pt2}")
     try:
         report = json.loads((run / name).read_text(encoding="utf-8"))

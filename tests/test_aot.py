@@ -104,6 +104,11 @@ def test_the_gate_archives_and_a_real_torchserve_serves_the_package_as_model_pt(
                                 export_aot.package_path(run, "fp32"))
     report = agreement.write_report(run, figures, agreement.MIN_AGREEMENT, agreement.MAX_ACCURACY_DROP)
     assert report["passed"] and report["agreement"] == 100.0 and report["precision"] == "pt2-fp32", report
+    bigger = tmp_path / "model-config.yaml"  # batches larger than the package takes: refused up front
+    bigger.write_text((REPO / "handler" / "model-config.yaml").read_text().replace("batchSize: 8", "batchSize: 16"))
+    too_big = subprocess.run(["bash", str(ARCHIVE), str(run), MODEL, "2.0", "--pt2", "fp32"],
+                             env={**env, "MODEL_CONFIG": str(bigger)}, capture_output=True, text=True, timeout=300)
+    assert too_big.returncode == 2 and "takes batches up to 8, the archive's batchSize is 16" in too_big.stderr
     done = subprocess.run(["bash", str(ARCHIVE), str(run), MODEL, "2.0", "--pt2", "fp32"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
