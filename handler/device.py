@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from handler.aot import PT2_PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -95,7 +97,7 @@ def missing_capability(device: torch.device, precision: str) -> str | None:
 def read_reports(model_dir: str | os.PathLike) -> dict[str, dict]:
     """The agreement reports packaged in the archive, by precision; unreadable ones are left out."""
     reports = {}
-    for precision in [*DTYPES, "pt2-fp32", "pt2-bf16", "pt2-int8"]:
+    for precision in [*DTYPES, *(f"pt2-{p}" for p in PT2_PRECISIONS)]:
         path = Path(model_dir) / REPORT_PATTERN.format(precision)
         if path.is_file():
             try:
