@@ -26,6 +26,7 @@ class HandlerSettings:
     max_decoded_bytes: int = preprocessing.DEFAULT_MAX_DECODED_BYTES  # pixels x bytes of the mode
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only) | auto: see handler/device.py
     cpu_threads: int | str = "auto"  # auto: cores // running workers, so workers x threads <= cores
+    metrics: bool = True  # send handler/metrics.py's metrics to TorchServe (false: HandlerTime only)
 
 
 def parse_settings(model_yaml: dict | None) -> HandlerSettings:
@@ -44,6 +45,8 @@ def parse_settings(model_yaml: dict | None) -> HandlerSettings:
     if settings.precision not in PRECISIONS:
         raise ValueError(f"model-config.yaml handler.precision must be one of {PRECISIONS}, "
                          f"got {settings.precision!r}")
+    if type(settings.metrics) is not bool:
+        raise ValueError(f"model-config.yaml handler.metrics must be true or false, got {settings.metrics!r}")
     threads = settings.cpu_threads
     if threads != "auto" and (type(threads) is not int or threads < 1):
         raise ValueError(f"model-config.yaml handler.cpu_threads must be 'auto' or an integer >= 1, "
@@ -153,7 +156,8 @@ def predict_in_pieces(tensors: list[torch.Tensor],
         release_accelerator_memory()
         if len(tensors) == 1:
             logger.error("out of memory on a single image: %s", e)
-            return [BadImage(500, "inference failed: out of accelerator memory for this image alone")]
+            return [BadImage(500, "inference failed: out of accelerator memory for this image alone",
+                             "out_of_memory")]
         logger.warning("out of memory on a batch of %d images; retrying it in halves", len(tensors))
         half = len(tensors) // 2
         return predict_in_pieces(tensors[:half], predict) + predict_in_pieces(tensors[half:], predict)
@@ -179,7 +183,7 @@ def answer_batch(items: list[torch.Tensor | BadImage],
         if is_fatal_accelerator_error(e):
             raise AcceleratorFailure(f"{type(e).__name__}: {e}") from e
         logger.exception("forward pass failed for a batch of %d images", len(good))
-        failure = BadImage(500, f"inference failed: {type(e).__name__}: {e}")
+        failure = BadImage(500, f"inference failed: {type(e).__name__}: {e}", "inference_failed")
         predictions = [failure] * len(good)
     for i, prediction in zip(good, predictions):
         answers[i] = prediction

@@ -16,7 +16,7 @@ import torch
 from ts.service import Service
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler import aot, batch_inference, device, pixel_payload, preprocessing, request_decoding
+from handler import aot, batch_inference, device, metrics, pixel_payload, preprocessing, request_decoding
 
 logger = logging.getLogger(__name__)
 THREADS_RECHECK_S = 10.0  # how often `cpu_threads: auto` recounts the workers running
@@ -61,6 +61,10 @@ class ClassifierHandler(BaseHandler):
                                             self.device, self.dtype)
         self.manifest = context.manifest
         self.model_version = str(((context.manifest or {}).get("model") or {}).get("modelVersion") or "")
+        cache = getattr(context, "metrics", None)
+        self.metrics = metrics.HandlerMetrics(
+            cache, str(getattr(context, "model_name", "") or ""), self.model_version, self.labels, self.precision,
+            "pt2" if self.package else "torchscript") if cache is not None and self.settings.metrics else None
         self.context = context
         self.initialized = True
         logger.info("classifier ready: %d classes, input %s, device %s, precision %s (%s), %d torch threads",
@@ -115,6 +119,7 @@ class ClassifierHandler(BaseHandler):
                           "why": self.precision_reason, "device": str(self.device),
                           "agreement_reports": self.reports},
             "format": "pt2" if self.package else "torchscript",
+            "metrics": getattr(self, "metrics", None) is not None,  # handler/metrics.py's, to Prometheus
             "package": self.package,  # the .pt2's record: precision, march and the CPU flags it needs
         }
 
@@ -128,15 +133,31 @@ class ClassifierHandler(BaseHandler):
         describe = [i for i in range(len(data)) if is_describe(context, i)]
         rows = [row for i, row in enumerate(data) if i not in describe]
         self.adjust_threads()
+        times = metrics.BatchTimes()
+
+        def predict(tensors: list) -> list:
+            forward_started = time.perf_counter()
+            answers = self.postprocess(self.inference(tensors))
+            times.forward.append((time.perf_counter() - forward_started, len(tensors)))
+            return answers
+
         try:
-            answers = batch_inference.answer_batch(
-                self.preprocess(rows), lambda tensors: self.postprocess(self.inference(tensors)))
+            decode_started = time.perf_counter()
+            decoded = self.preprocess(rows)
+            times.decode_s = time.perf_counter() - decode_started
+            answers = batch_inference.answer_batch(decoded, predict)
         except batch_inference.AcceleratorFailure as e:
             # The CUDA context is broken for good: end the worker, so that TorchServe answers this
             # batch with errors, the model stops counting as READY and a fresh worker replaces it.
             logger.critical("accelerator failure, ending the worker: %s", e)
             end_worker()
             raise
+        if getattr(self, "metrics", None) is not None and answers:
+            try:
+                times.total_s = time.perf_counter() - started
+                self.metrics.record(answers, times)
+            except Exception:  # noqa: BLE001 - a metric must never cost an answer
+                logger.exception("sending the batch's metrics failed")
         for i in describe:
             answers.insert(i, self.describe_handle())
         bodies = request_decoding.format_responses(answers, context, self.model_version)

@@ -55,14 +55,14 @@ def decode(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
     # the header, raises tokenize.TokenError, which is the client's bad payload like the others
     except (ValueError, SyntaxError, TypeError, EOFError, tokenize.TokenError) as e:
         raise BadImage(400, f"pixel payload ({CONTENT_TYPE}) has an unreadable header: "
-                            f"{' '.join(str(e).split())[:200]}") from None
+                            f"{' '.join(str(e).split())[:200]}", "wrong_pixel_payload") from None
     if dtype != DTYPE or tuple(shape) != want or fortran:
         order = " (Fortran order)" if fortran else ""
         raise BadImage(400, f"pixel payload has shape {tuple(shape)} and dtype {dtype}{order}, but this "
                             f"model's preprocess.json wants shape {want} and dtype uint8 in C order: "
-                            "preprocess with the served model's settings")
+                            "preprocess with the served model's settings", "wrong_pixel_payload")
     start, size = stream.tell(), want[0] * want[1] * want[2]
     if len(data) - start != size:
         raise BadImage(400, f"pixel payload carries {len(data) - start} bytes of pixels, "
-                            f"its header's shape {want} needs {size}")
+                            f"its header's shape {want} needs {size}", "wrong_pixel_payload")
     return np.frombuffer(data, DTYPE, size, start).reshape(want)

@@ -48,12 +48,21 @@ ImageSource = Union[bytes, bytearray, str, os.PathLike, BinaryIO]
 
 
 class BadImage(ValueError):
-    """An input that is not a usable image; `code` is the HTTP status to answer with."""
+    """An input that is not a usable image; `code` is the HTTP status to answer with, `reason` one of
+    REFUSALS (the bounded value the handler's metrics count it under; never the message's text)."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, reason: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason or ("internal_error" if code >= 500 else "bad_request")
+        if self.reason not in REFUSALS:
+            raise ValueError(f"unknown refusal reason {self.reason!r}")
+
+
+# Why an image was refused, as the metrics count it (docs/observability.md says what each means).
+REFUSALS = ("bad_request", "empty", "not_an_image", "undecodable", "too_many_pixels", "too_many_bytes",
+            "wrong_pixel_payload", "out_of_memory", "inference_failed", "internal_error")
 
 
 @dataclass(frozen=True)
@@ -166,12 +175,12 @@ def open_image(source: ImageSource, *, size: tuple[int, int] | None = None,
     try:
         data = read_source(source)
         if not data:
-            raise BadImage(400, "empty body: no image bytes")
+            raise BadImage(400, "empty body: no image bytes", "empty")
         img = Image.open(io.BytesIO(without_end_marker(data)))
         width, height = img.size
         if width * height > max_pixels:
             raise BadImage(413, f"image has {width}x{height} = {width * height:,} pixels, "
-                                f"over the limit of {max_pixels:,}")
+                                f"over the limit of {max_pixels:,}", "too_many_pixels")
         if size is not None and img.format == "JPEG":
             target_h, target_w = size
             if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
@@ -184,14 +193,14 @@ def open_image(source: ImageSource, *, size: tuple[int, int] | None = None,
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImage(413, f"image too large to decode safely: {e}") from None
+        raise BadImage(413, f"image too large to decode safely: {e}", "too_many_pixels") from None
     except UnidentifiedImageError:
-        raise BadImage(400, "not a recognised image format") from None
+        raise BadImage(400, "not a recognised image format", "not_an_image") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
         if "truncated" in str(e):
             raise BadImage(400, f"cannot decode image: its data ends before its pixels do, "
-                                f"the file is truncated or corrupt ({e})") from None
-        raise BadImage(400, f"cannot decode image: {e}") from None
+                                f"the file is truncated or corrupt ({e})", "undecodable") from None
+        raise BadImage(400, f"cannot decode image: {e}", "undecodable") from None
 
 
 def read_source(source: ImageSource) -> bytes:
@@ -210,7 +219,8 @@ def check_decoded_bytes(img: Image.Image, max_decoded_bytes: int) -> None:
     decoded = width * height * per_pixel
     if decoded > max_decoded_bytes:
         raise BadImage(413, f"image decodes to {decoded:,} bytes ({width}x{height} {img.mode}, "
-                            f"{per_pixel} bytes a pixel), over the limit of {max_decoded_bytes:,}")
+                            f"{per_pixel} bytes a pixel), over the limit of {max_decoded_bytes:,}",
+                       "too_many_bytes")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -96,20 +96,20 @@ def decode_base64(text: str) -> bytes:
     """Decode a base64 image string, also as a data URL; a plain text body is a 400."""
     text = text.strip()
     if not text:
-        raise BadImage(400, "empty body: no image bytes")
+        raise BadImage(400, "empty body: no image bytes", "empty")
     if text.startswith("data:") and "," in text:  # data:image/png;base64,....
         text = text.split(",", 1)[1]
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise BadImage(400, "body is text, not an image (send the file's bytes, "
-                            "or base64 in a JSON body)") from None
+                            "or base64 in a JSON body)", "not_an_image") from None
     return _require_bytes(data)
 
 
 def _require_bytes(data: bytes) -> bytes:
     if not data:
-        raise BadImage(400, "empty body: no image bytes")
+        raise BadImage(400, "empty body: no image bytes", "empty")
     return data
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Java >= 11 for TorchServe's frontend, Debian's nginx (the front proxy of the
-# pods and of scripts/front_proxy.sh), .venv with the pinned runtime and test requirements and this
-# project installed editable, and .venv-checkov with the manifest scanner the tests run. A stamp
+# pods and of scripts/front_proxy.sh), Debian's prometheus and chromium (the observability tests),
+# .venv with the pinned runtime and test requirements and this project installed editable, and .venv-checkov with the manifest scanner the tests run. A stamp
 # keyed on the requirement lists and pyproject.toml makes a rerun a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,18 @@ fi
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
     echo "install: nginx not found; installing Debian's nginx"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
+fi
+
+# Prometheus (promtool checks deploy/monitoring's rules; the tests start a real Prometheus that
+# scrapes a real TorchServe) and Chromium (the tests open the batch report headless): Debian's
+# packages, installed, never started here. Debian's prometheus package may start its own service
+# where an init system runs: `systemctl disable --now prometheus` stops it.
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "install: installing Debian's ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 PY=${PYTHON:-python3}

@@ -114,7 +114,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     {
         echo "# Written by scripts/serve.sh from $CONFIG; edit that file, not this one."
         local replaced="inference_address|management_address|metrics_address|grpc_inference_port"
-        replaced+="|grpc_management_port|initial_worker_port|model_store|allowed_urls|load_models"
+        replaced+="|grpc_management_port|initial_worker_port|model_store|allowed_urls|load_models|metrics_config"
         grep -vE "^[[:space:]]*($replaced)[[:space:]]*=" "$CONFIG"
         echo "inference_address=http://127.0.0.1:$http"
         echo "management_address=http://127.0.0.1:$mgmt"
@@ -123,6 +123,13 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
         echo "grpc_management_port=$grpc_mgmt"
         echo "initial_worker_port=$worker"
         echo "model_store=$store"
+        local metrics_config
+        metrics_config=$(prop metrics_config)
+        if [ -n "$metrics_config" ]; then  # relative to the repository, like model_store
+            case "$metrics_config" in /*) ;; *) metrics_config="$REPO/$metrics_config" ;; esac
+            [ -f "$metrics_config" ] || die "metrics_config $metrics_config not found" 2
+            echo "metrics_config=$metrics_config"
+        fi
         echo "allowed_urls=file://\\\\Q$store/\\\\E[^/]+[.]mar"
         if [ "$token_auth" = off ]; then
             echo "# TS_TOKEN_AUTH=off: on loopback behind scripts/front_proxy.sh, which checks the tokens."
