@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Java >= 11 for TorchServe's frontend, Debian's nginx (the front proxy of the
 # pods and of scripts/front_proxy.sh), Debian's prometheus and chromium (the observability tests),
-# .venv with the pinned runtime and test requirements and this project installed editable, and .venv-checkov with the manifest scanner the tests run. A stamp
-# keyed on the requirement lists and pyproject.toml makes a rerun a no-op.
+# .venv with the pinned runtime and test requirements and this project installed editable, and
+# .venv-checkov with the manifest scanner the tests run. A stamp keyed on the requirement lists and
+# pyproject.toml makes a rerun a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
