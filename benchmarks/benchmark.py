@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WARMUP_PASSES = 2  # untimed passes over a set before the served runs
 DISTURBED_SPREAD = 1.3  # fastest / slowest run of one path above this: other work shared the cores
+METRICS_OFF = "served-nometrics"  # fp32, handler.metrics false: what the handler's metrics cost
 SPEC_KEYS = {"batch": "batchSize", "delay": "maxBatchDelay", "threads": "handler.cpu_threads"}
 
 
@@ -325,6 +326,10 @@ def start_servers(run_dir: Path, store: Path, stock: bool, served_precisions: li
         archive = assets.archive_project(run_dir, store, "bench", precision, *how, "--no-precision-check")
         servers[server_key(precision)] = LocalServer(WORK / "servers" / server_key(precision), store, [archive],
                                                      start_timeout=180)
+    if "fp32" in served_precisions:  # issue 24: the handler's metrics off, to price them on the PNGs
+        archive = assets.archive_variant(run_dir, store, "bench-nometrics", ROOT / "handler",
+                                         {"handler.metrics": False})
+        servers[METRICS_OFF] = LocalServer(WORK / "servers" / METRICS_OFF, store, [archive], start_timeout=180)
     if stock:
         site = assets.ensure_captum(WORK / "site")
         servers["stock"] = LocalServer(WORK / "servers" / "stock", store,
@@ -358,7 +363,12 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
     if "stock" in servers:
         measure_stock(servers["stock"], "stock", files)
     keys = [(precision, path) for precision in bench.models for path in ("limit", "served", "client")]
-    runs: dict[tuple[str, str], list[Result]] = {key: [] for key in keys + [("fp32", "stock")]}
+    runs: dict[tuple[str, str], list[Result]] = {key: [] for key in keys + [("fp32", "stock"), ("fp32", METRICS_OFF)]}
+    metrics_off = servers.get(METRICS_OFF) if name == "png" else None
+    if metrics_off is not None:
+        for _ in range(WARMUP_PASSES):
+            measure_served(metrics_off, "bench-nometrics", folder, count, bench.out / "warmup.jsonl",
+                           args.concurrency, "server")
     sent = {mode: request_bytes(files, servers["served"], "bench", mode) for mode in ("server", "client")}
     for i in range(args.runs):
         for precision in bench.models:
@@ -369,6 +379,10 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
                                         bench.out / f"{path}-{precision}-{name}-{i}.jsonl", args.concurrency, mode)
                 result.request_bytes = sent[mode]
                 runs[precision, path].append(result)
+            if precision == "fp32" and metrics_off is not None:  # right after the same path with them on
+                runs["fp32", METRICS_OFF].append(measure_served(
+                    metrics_off, "bench-nometrics", folder, count, bench.out / f"{METRICS_OFF}-{name}-{i}.jsonl",
+                    args.concurrency, "server"))
         if "stock" in servers:
             runs["fp32", "stock"].append(measure_stock(servers["stock"], "stock", files))
         done = ", ".join(f"{p} {k} {r[-1].images_s:.1f}/s" for (p, k), r in runs.items() if r)
@@ -385,13 +399,15 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
     for (precision, path), result in medians.items():
         labels = {"limit": f"limit (in-process, pipelined, batch {best[precision]})",
                   "served": "served, --preprocess server", "client": "served, --preprocess client",
-                  "stock": "stock image_classifier"}
+                  "stock": "stock image_classifier", METRICS_OFF: "served, --preprocess server, handler metrics off"}
         row = {"set": name, "images": count, "path": path, "precision": precision,
                "label": f"{labels[path]}, {precision}", **asdict(result)}
         if path in ("served", "client"):
             row["served_limit"] = result.images_s / medians[precision, "limit"].images_s
             stock = medians.get(("fp32", "stock"))
             row["served_stock"] = result.images_s / stock.images_s if stock else None
+        if path == "served" and precision == "fp32" and ("fp32", METRICS_OFF) in medians:
+            row["metrics_cost"] = 1 - result.images_s / medians["fp32", METRICS_OFF].images_s  # issue 24
         if path == "client":  # issue 12's targets: against server mode on the same server
             server_mode = medians[precision, "served"]
             row["fewer_bytes"] = server_mode.request_bytes / result.request_bytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,18 +119,23 @@ def test_gpu_id_is_used_as_given_and_checked_against_the_count(monkeypatch):
 
 
 def test_fp32_means_fp32_even_after_torchserve_asked_for_tf32():
-    import ts.torch_handler.base_handler  # noqa: F401 - sets "high" at import on capability 8.0+
-    saved = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("high")  # what base_handler does on an A100 or newer
-        torch.backends.cudnn.conv.fp32_precision = "tf32"  # cuDNN's own default
-        device.use_full_fp32()
-        assert torch.get_float32_matmul_precision() == "highest"
-        for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
-                        torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv):
-            assert backend.fp32_precision == "ieee"
-    finally:
-        torch.set_float32_matmul_precision(saved)
+    # In a process of its own: once TF32 was set through both the legacy and the new API, inductor
+    # refuses to compile in that process, and later tests compile .pt2 packages.
+    check = """
+import torch
+import ts.torch_handler.base_handler  # sets "high" at import on capability 8.0+
+from handler import device
+torch.set_float32_matmul_precision("high")  # what base_handler does on an A100 or newer
+torch.backends.cudnn.conv.fp32_precision = "tf32"  # cuDNN's own default
+device.use_full_fp32()
+assert torch.get_float32_matmul_precision() == "highest", torch.get_float32_matmul_precision()
+for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
+                torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv):
+    assert backend.fp32_precision == "ieee", backend
+"""
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("files, quota", [
