@@ -11,12 +11,17 @@ the files failed (bad images are error rows); 1 more failed; 2 usage or configur
 error, never worth retrying as it is; 3 no replica could be used, worth retrying later
 (--resume keeps the rows); 130 interrupted (SIGINT or SIGTERM), rows kept.
 
+Every run that sent files leaves `<output stem>.summary.json` beside its rows, also one stopped with
+exit 3: the printed summary as data (its fields: client/summary.py); --report HTML adds the run's
+report (client/report.py). Both are made from the rows written.
+
     .venv/bin/python scripts/classify_dir.py DIR --model NAME [--class-folders]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -38,9 +43,11 @@ from client.dispatch import (
     probe_replicas,
 )
 from client.fleet import replicas_from_args
+from client.report import DEFAULT_LEAST_CONFIDENT, check_output, make_report
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
 from client.sending import Classifier, Retry, RunCheck, resolve_model
 from client.shards import parse_shard, shard_of
+from client.summary import Results, summary_of, summary_path, write_summary
 from core.errors import EXIT_FAILED, EXIT_OK, Refused, ServerUnavailable, UserError, command
 from core.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, parse_extensions, true_label_of
 from core.torchserve import TorchServe, add_server_flags
@@ -95,6 +102,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "model exposes its settings) (default: %(default)s)")
     parser.add_argument("--class-folders", action="store_true",
                         help="DIR/<label>/...: report accuracy, precision/recall and a confusion matrix")
+    parser.add_argument("--report", default=None, metavar="HTML",
+                        help="after the run, write a self-contained HTML report of the output's rows "
+                             "(as scripts/report.py does)")
+    parser.add_argument("--report-thumbnails", type=int, default=DEFAULT_LEAST_CONFIDENT, metavar="N",
+                        help="--report: the N least confident images shown as thumbnails, each about 3 KB "
+                             "of the report (6 KB at most) (default: %(default)s)")
     return parser
 
 
@@ -109,6 +122,8 @@ class Plan:
     output: Path
     fields: tuple[str, ...]
     png: Path  # the confusion matrix, with class folders
+    summary: Path  # <output stem>.summary.json, written at the end of every run
+    report: Path | None  # --report
 
 
 def plan_run(args: argparse.Namespace) -> Plan:
@@ -122,15 +137,20 @@ def plan_run(args: argparse.Namespace) -> Plan:
                         "--timeout and --give-up-after > 0")
     if not 0 <= args.max_failed_share <= 1:
         raise UserError(f"--max-failed-share must be between 0 and 1, not {args.max_failed_share}")
+    if args.report_thumbnails < 0:
+        raise UserError(f"--report-thumbnails must be >= 0, not {args.report_thumbnails}")
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: name a file (results.jsonl, or .csv)")
+    report = Path(args.report) if args.report else None
+    if report is not None:
+        check_output(report, [output])
     return Plan(root, parse_extensions(args.extensions), not args.no_recursive,
                 parse_shard(args.shard) if args.shard else None, output,
                 FIELDS + (("true_label",) if args.class_folders else ()),
-                output.with_name(output.stem + ".confusion.png"))
+                output.with_name(output.stem + ".confusion.png"), summary_path(output), report)
 
 
 def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) -> RunCheck:
@@ -221,7 +241,8 @@ class Walk:
 
     def __iter__(self) -> Iterator[tuple[Path, str]]:
         plan = self.plan
-        skip = frozenset({plan.output, plan.png})  # matched by identity: DIR may reach them by a link
+        # matched by identity: DIR may reach them by a link
+        skip = frozenset(p for p in (plan.output, plan.png, plan.summary, plan.report) if p is not None)
         for path in iter_files(plan.root, plan.extensions, plan.recursive, skip):
             rel = path.relative_to(plan.root).as_posix()
             self.seen += 1
@@ -294,9 +315,43 @@ class Run:
         self.bar.set_postfix(ok=self.stats.ok, failed=sum(self.stats.failed.values()), refresh=False)
 
 
+def served_precision(state: ReplicaState, model: str, version: str | None) -> str | None:
+    """The precision the replica serves, from its handler's describe; None when it does not say."""
+    try:
+        metadata = state.server.describe(model, version, customized="true")[0].get("customizedMetadata")
+        metadata = json.loads(metadata) if isinstance(metadata, str) else metadata
+        return str(metadata["precision"]["served"])
+    except (ServerUnavailable, Refused, ValueError, LookupError, TypeError, AttributeError):
+        return None
+
+
+def run_facts(run: Run, mode: str, elapsed: float, precisions: dict[str, str | None]) -> dict:
+    """summary.json's `run`: what only the run itself saw (its time, each replica's rate and outages)."""
+    stats, seconds = run.stats, max(elapsed, 1e-9)
+    return {"elapsed_s": round(elapsed, 3), "images_per_s": round((stats.files - stats.resumed) / seconds, 2),
+            "resumed": stats.resumed, "preprocess": mode, "stopped": run.fatal,
+            "replicas": {s.replica.name: {"files": s.files, "images_per_s": round(s.files / seconds, 2),
+                                          "errors": s.errors, "taken_out": s.taken_out, "out_why": s.out_why,
+                                          "served_precision": precisions.get(s.replica.name)}
+                         for s in run.dispatcher.states}}
+
+
+def write_outputs(args: argparse.Namespace, plan: Plan, run: Run, mode: str, elapsed: float,
+                  precisions: dict[str, str | None]) -> None:
+    """The summary.json beside the rows (every run), and with --report the HTML report, both from the rows."""
+    summary = summary_of(Results([plan.output], strict=False))
+    summary["run"] = run_facts(run, mode, elapsed, precisions)
+    write_summary(summary, plan.summary)
+    if plan.report is not None:
+        make_report([plan.output], plan.report, root=plan.root, least_confident=args.report_thumbnails,
+                    strict=False)
+        print(f"report: {plan.report} ({plan.report.stat().st_size:,} bytes)")
+
+
 def summarise(args: argparse.Namespace, plan: Plan, run: Run, walked: int, model: str, mode: str,
-              elapsed: float) -> int:
-    """Print the summary lines; the exit code (0, or 1 when more than --max-failed-share failed)."""
+              elapsed: float, precisions: dict[str, str | None]) -> int:
+    """Print the summary lines, write summary.json (and the report); the exit code (0, or 1 when more
+    than --max-failed-share failed)."""
     stats = run.stats
     failed = sum(stats.failed.values())
     reasons = ", ".join(f"{r}: {n}" for r, n in stats.failed.most_common())
@@ -310,13 +365,14 @@ def summarise(args: argparse.Namespace, plan: Plan, run: Run, walked: int, model
         print("versions: " + ", ".join(f"{v}: {n} rows" for v, n in sorted(stats.versions.items())))
     if args.class_folders and run.fatal is None:
         print(report_class_metrics(stats, plan.png))
+    write_outputs(args, plan, run, mode, elapsed, precisions)
     if run.fatal is not None:
         raise ServerUnavailable(f"{run.fatal}; {stats.files} rows kept in {plan.output}: rerun with --resume "
                                 f"to finish")
     versions = "/".join(sorted(stats.versions)) or "?"
     print(f"classify_dir: {stats.ok}/{stats.files} ok with {model} {versions}"
           + (f", shard {args.shard} of {walked} files" if plan.shard else "")
-          + f" -> {plan.output} (preprocess {mode})")
+          + f" -> {plan.output}, {plan.summary.name} (preprocess {mode})")
     share = failed / max(1, stats.files)
     if share > args.max_failed_share:
         print(f"classify_dir: {failed} of {stats.files} files failed ({share:.1%}), more than "
@@ -354,12 +410,14 @@ def main(args: argparse.Namespace) -> int:
         finally:
             writer.close()
         elapsed = time.perf_counter() - started
+        precisions = {s.replica.name: served_precision(s, model, args.version)
+                      for s in dispatcher.states if s.healthy}
     finally:
         if not interrupted:  # interrupted: no lock or join on the way out, the process ends at once
             dispatcher.close()
     if files.seen == 0 and run.fatal is None:
         raise UserError(f"no files with extensions {','.join(sorted(plan.extensions))} under {plan.root}")
-    return summarise(args, plan, run, files.seen, model, mode, elapsed)
+    return summarise(args, plan, run, files.seen, model, mode, elapsed, precisions)
 
 
 def _interrupt(signum, frame) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from pathlib import Path
 
 from client.results import FIELDS, RowWriter, read_rows
 from core.errors import UserError, command
 from core.files import DEFAULT_EXTENSIONS, iter_files, parse_extensions
+from core.rows import typed_row
 
 SHOWN = 5  # paths named in an error line; the rest are counted
 
@@ -45,23 +45,6 @@ def shard_of(rel: str, shards: int) -> int:
 def _named(paths: list[str]) -> str:
     shown = ", ".join(paths[:SHOWN])
     return shown + (f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else "")
-
-
-def _typed(row: dict, where: str) -> dict:
-    """A row read back from CSV (all text) with JSON's types again; JSONL rows pass unchanged."""
-    out = {k: (None if v == "" else v) for k, v in row.items()}
-    if isinstance(out.get("topk"), str):
-        try:
-            out["topk"] = json.loads(out["topk"])
-        except ValueError:
-            raise UserError(f"{where}: topk is not a JSON list: {out['topk'][:60]!r}") from None
-    for key, kind in (("probability", float), ("latency_ms", float), ("http_status", int)):
-        if isinstance(out.get(key), str):
-            try:
-                out[key] = kind(float(out[key])) if kind is int else kind(out[key])
-            except ValueError:
-                pass
-    return out
 
 
 def _check_shards(inputs: list[Path], shards_in: dict[Path, set[int]], shards: int) -> list[int]:
@@ -110,7 +93,7 @@ def merge_shards(inputs: list[Path], output: Path, root: Path | None = None,
                 if skip_unreadable:
                     continue
                 raise UserError(f"{path}:{line}: a row without a path")
-            typed = _typed(row, f"{path}:{line}")
+            typed = typed_row(row, f"{path}:{line}")
             where.setdefault(rel, []).append(path.name)
             rows.setdefault(rel, typed)
             if shards:

@@ -1,5 +1,6 @@
 """Image files on disk, for training's lists and the client's runs alike: which extensions are images,
-the one directory walk, reading a file without blocking, and the class folder a file sits in.
+the one directory walk, reading a file without blocking, the class folder a file sits in; and the one
+atomic write (checkpoints, run summaries).
 
 The walk's link policy, everywhere: a link to a folder is followed, each folder is entered once (by
 device and inode), so a link loop or two links to one folder cannot repeat or hang a walk; a link to
@@ -123,3 +124,21 @@ def true_label_of(rel: str) -> str | None:
     """With class folders, the first folder under DIR names the true label."""
     parts = rel.split("/")
     return parts[0] if len(parts) > 1 else None
+
+
+def save_atomic(save, path: str | Path) -> None:
+    """Call `save(file)` on a temporary file beside `path`, then rename it over `path`.
+
+    A kill or a full disk mid-write leaves the previous file whole: os.replace is atomic
+    on one filesystem, and fsync makes the new bytes durable before the rename.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

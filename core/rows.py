@@ -78,3 +78,20 @@ def _checked(path: Path, record: tuple[int, dict | None], strict: bool):
         return 0
     yield line, row
     return 1
+
+
+def typed_row(row: dict, where: str) -> dict:
+    """A row read back from CSV (all text) with JSON's types again; JSONL rows pass unchanged."""
+    out = {k: (None if v == "" else v) for k, v in row.items()}
+    if isinstance(out.get("topk"), str):
+        try:
+            out["topk"] = json.loads(out["topk"])
+        except ValueError:
+            raise UserError(f"{where}: topk is not a JSON list: {out['topk'][:60]!r}") from None
+    for key, kind in (("probability", float), ("latency_ms", float), ("http_status", int)):
+        if isinstance(out.get(key), str):
+            try:
+                out[key] = kind(float(out[key])) if kind is int else kind(out[key])
+            except ValueError:
+                pass
+    return out

@@ -1,34 +1,16 @@
 """Checkpoint files: written atomically, read back with a one-line error when damaged."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError
+from core.files import save_atomic
 
 # What training.train writes and what --resume and training.export need back.
 REQUIRED_KEYS = ("model", "best_model", "optimizer", "scheduler", "epoch", "arch", "classes", "preprocess",
                  "history", "best_acc")
-
-
-def save_atomic(save, path: str | Path) -> None:
-    """Call `save(file)` on a temporary file beside `path`, then rename it over `path`.
-
-    A kill or a full disk mid-write leaves the previous file whole: os.replace is atomic
-    on one filesystem, and fsync makes the new bytes durable before the rename.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            save(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
