@@ -24,7 +24,8 @@ from typing import Iterator
 FLAGS = ("--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
          "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio")
-# bash puts the pipes on the fds Chromium expects; `exec` keeps the pid (the Debian wrapper execs too)
+# bash puts the pipes on the fds Chromium expects; `exec` keeps the pid (the Debian wrapper execs too).
+# CDP_IN < CDP_OUT (made first, the lowest free fds), so neither copy overwrites the other's source.
 ON_FDS_3_4 = 'exec "$0" "$@" 3<&"$CDP_IN" 4>&"$CDP_OUT"'
 
 
