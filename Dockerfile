@@ -40,7 +40,7 @@ RUN --mount=type=secret,id=ca pip-locked -r requirements-client.lock
 COPY core/ core/
 COPY client/ client/
 COPY handler/ handler/
-COPY scripts/classify_dir.py scripts/manage.py scripts/merge_shards.py scripts/
+COPY scripts/classify_dir.py scripts/manage.py scripts/merge_shards.py scripts/report.py scripts/
 COPY deploy/kubernetes/make_fleet.py deploy/kubernetes/publish_mar.py deploy/kubernetes/
 # matplotlib's cache on the Jobs' /tmp volume (the root filesystem is read-only, there is no home).
 ENV MPLCONFIGDIR=/tmp/matplotlib

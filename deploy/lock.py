@@ -33,8 +33,9 @@ IMAGES = {
     # TorchServe, the workers' packages (handler/ imports torch, torchvision, PIL, numpy, yaml,
     # psutil) and the probe's requests.
     "server": ["torch", "torchvision", "torchserve", "PyYAML", "pillow", "numpy", "psutil", "requests"],
-    # core/, client/ and handler/preprocessing.py: no torch; matplotlib draws the confusion matrix.
-    "client": ["requests", "PyYAML", "numpy", "pillow", "tqdm", "matplotlib"],
+    # core/, client/ and handler/preprocessing.py: no torch; matplotlib draws the confusion matrix,
+    # jinja2 and scikit-learn's metrics make the batch report.
+    "client": ["requests", "PyYAML", "numpy", "pillow", "tqdm", "matplotlib", "jinja2", "scikit-learn"],
 }
 
 

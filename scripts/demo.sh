@@ -18,7 +18,8 @@ $PY scripts/list_to_folders.py "$DEMO/lists/val.list" --labels "$DEMO/lists/labe
 trap 'bash scripts/serve.sh stop' EXIT  # stop the server even when a step fails
 bash scripts/serve.sh start model_store/digits-1.0.mar
 set +e
-$PY scripts/classify_dir.py "$DEMO/val" --model digits --class-folders --output "$DEMO/results.jsonl"
+$PY scripts/classify_dir.py "$DEMO/val" --model digits --class-folders --output "$DEMO/results.jsonl" \
+    --report "$DEMO/report.html"
 status=$?
 set -e
 [ "$status" -eq 0 ] || { echo "demo: classify_dir.py failed (exit $status)" >&2; exit "$status"; }
