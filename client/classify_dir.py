@@ -105,7 +105,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", default=None, metavar="HTML",
                         help="after the run, write a self-contained HTML report of the output's rows "
                              "(as scripts/report.py does)")
-    parser.add_argument("--report-thumbnails", type=int, default=DEFAULT_LEAST_CONFIDENT, metavar="N",
+    parser.add_argument("--least-confident", type=int, default=DEFAULT_LEAST_CONFIDENT, metavar="N",
                         help="--report: the N least confident images shown as thumbnails, each about 3 KB "
                              "of the report (6 KB at most) (default: %(default)s)")
     return parser
@@ -137,8 +137,8 @@ def plan_run(args: argparse.Namespace) -> Plan:
                         "--timeout and --give-up-after > 0")
     if not 0 <= args.max_failed_share <= 1:
         raise UserError(f"--max-failed-share must be between 0 and 1, not {args.max_failed_share}")
-    if args.report_thumbnails < 0:
-        raise UserError(f"--report-thumbnails must be >= 0, not {args.report_thumbnails}")
+    if args.least_confident < 0:
+        raise UserError(f"--least-confident must be >= 0, not {args.least_confident}")
     output = Path(args.output)
     if not output.parent.is_dir():
         raise UserError(f"output folder not found: {output.parent}")
@@ -343,7 +343,7 @@ def write_outputs(args: argparse.Namespace, plan: Plan, run: Run, mode: str, ela
     summary["run"] = run_facts(run, mode, elapsed, precisions)
     write_summary(summary, plan.summary)
     if plan.report is not None:
-        make_report([plan.output], plan.report, root=plan.root, least_confident=args.report_thumbnails,
+        make_report([plan.output], plan.report, root=plan.root, least_confident=args.least_confident,
                     strict=False)
         print(f"report: {plan.report} ({plan.report.stat().st_size:,} bytes)")
 
