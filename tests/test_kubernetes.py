@@ -262,6 +262,7 @@ def test_configmap_differs_from_the_repository_settings_only_where_intended():
         "disable_token_authorization": "true",  # nginx checks the tokens; loopback only
         "allowed_urls": "file:///app/model_store/[^/]+[.]mar",  # the pods' own store
         "default_startup_timeout": "600",  # real models load for minutes
+        "metrics_config": "/app/handler/metrics.yaml",  # the image's copy of the handler's declaration
     }
     store = volumes_of(pod_spec(sts()), container(pod_spec(sts()), "torchserve"))
     assert store["/app/model_store"]["persistentVolumeClaim"]["claimName"] == "ts-model-store"
@@ -737,7 +738,8 @@ def test_images_are_two_stages_each_installing_only_pinned_packages_it_needs():
                  if line and not line.startswith("#")]
         assert lines and all(re.fullmatch(r"\S+==\S+ --hash=sha256:[0-9a-f]{64}", line) for line in lines)
     client = {n.lower() for n in image_packages("client")}
-    assert not client & {"torch", "torchvision", "torchserve", "scikit-learn", "pytest"}
+    # scikit-learn is there on purpose: its metrics fill the batch report (client/report.py)
+    assert not client & {"torch", "torchvision", "torchserve", "pytest"}
     assert "matplotlib" in client  # classify_dir --class-folders draws the confusion matrix
     server = {n.lower() for n in image_packages("server")}
     assert {"torch", "torchserve", "pyyaml"} <= server
