@@ -173,6 +173,8 @@ def test_each_alert_waits_has_a_severity_and_says_what_to_do_with_a_runbook_anch
         assert {"summary", "description"} <= rule["annotations"].keys(), name
         # the anchor GitHub makes of a heading "### <alert name>" in docs/observability.md
         assert rule["annotations"]["runbook_url"] == f"docs/observability.md#{name.lower()}", name
+        runbook = (REPO / "docs" / "observability.md").read_text()
+        assert f"\n### {name}\n" in runbook, f"{name}: no section '### {name}' in docs/observability.md"
 
 
 def test_outcome_matchers_split_the_refusal_reasons_into_the_clients_and_the_servers():
