@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -397,12 +398,17 @@ def main(args: argparse.Namespace) -> int:
         if outside:
             raise UserError(f"{plan.output} has rows of files outside shard {args.shard} (e.g. {outside[0]}): "
                             f"written with another --shard? give each shard its own --output")
+        files = Walk(plan, done)
+        walk = iter(files)
+        first = next(walk, None)  # before the output is opened: a run with no file must not truncate it
+        if first is None and files.seen == 0:
+            raise UserError(f"no files with extensions {','.join(sorted(plan.extensions))} under {plan.root}"
+                            + (f"; {plan.output} left as it was" if plan.output.exists() else ""))
         writer = RowWriter(plan.output, plan.fields, append=args.resume)
         run = Run(dispatcher, writer, stats, args.concurrency * len(dispatcher.states), args.class_folders)
-        files = Walk(plan, done)
         started = time.perf_counter()
         try:
-            run.send_all(iter(files))
+            run.send_all(itertools.chain([first] if first is not None else [], walk))
         except KeyboardInterrupt:
             interrupted = True
             raise KeyboardInterrupt(f"{stats.files} rows kept in {plan.output}; "
@@ -415,8 +421,6 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if not interrupted:  # interrupted: no lock or join on the way out, the process ends at once
             dispatcher.close()
-    if files.seen == 0 and run.fatal is None:
-        raise UserError(f"no files with extensions {','.join(sorted(plan.extensions))} under {plan.root}")
     return summarise(args, plan, run, files.seen, model, mode, elapsed, precisions)
 
 

@@ -45,6 +45,7 @@ class ClassifierHandler(BaseHandler):
                                                                       self.reports)
             self.dtype = torch.float32  # the package takes float32 and converts inside its graph
         else:
+            device.check_report_models(self.reports, model_dir / serialized)
             self.precision, reason = device.resolve_precision(self.settings.precision, self.device, self.reports)
             self.dtype = device.DTYPES[self.precision]
         self.precision_reason = reason

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from handler.aot import PT2_PRECISIONS
+from handler.aot import PT2_PRECISIONS, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,21 @@ def read_reports(model_dir: str | os.PathLike) -> dict[str, dict]:
             except (OSError, ValueError) as e:
                 logger.warning("%s: unreadable agreement report (%s)", path, e)
     return reports
+
+
+def check_report_models(reports: dict[str, dict], model_file: str | os.PathLike) -> None:
+    """DeviceError when an agreement report of model.pt's precisions names another model.pt: a report
+    is a claim about one file (its sha256), and a swapped model must not inherit it."""
+    actual = None
+    for precision in DTYPES:
+        report = reports.get(precision)
+        if report is None:
+            continue
+        actual = actual or file_sha256(model_file)
+        if report.get("model_sha256") != actual:
+            raise DeviceError(f"the archive's agreement report for {precision} is about another model.pt "
+                              f"(sha256 {str(report.get('model_sha256'))[:12]}..., this one {actual[:12]}...): "
+                              "refused; export and check the model again (scripts/export.py --check-precision)")
 
 
 def passed(report: dict | None) -> bool:

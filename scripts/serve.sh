@@ -130,7 +130,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
             [ -f "$metrics_config" ] || die "metrics_config $metrics_config not found" 2
             echo "metrics_config=$metrics_config"
         fi
-        echo "allowed_urls=file://\\\\Q$store/\\\\E[^/]+[.]mar"
+        echo "allowed_urls=file://\\\\Q$store/\\\\E[A-Za-z0-9_][A-Za-z0-9._-]*[.]mar"
         if [ "$token_auth" = off ]; then
             echo "# TS_TOKEN_AUTH=off: on loopback behind scripts/front_proxy.sh, which checks the tokens."
             echo "disable_token_authorization=true"

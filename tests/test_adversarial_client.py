@@ -210,3 +210,17 @@ def test_model_version_comes_from_the_header_alone(server, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = read_rows(tmp_path / "rows.jsonl")
     assert len(rows) == 4 and {r["model_version"] for r in rows} == {server.version}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_an_extensions_typo_refuses_before_touching_the_previous_results(server, tmp_path, resume):
+    images = tmp_path / "images"
+    write_images(images, 3)
+    output = tmp_path / "results.jsonl"
+    first = run_client(server, images, output)
+    assert first.returncode == 0, first.stderr
+    before = output.read_bytes()
+    typo = run_client(server, images, output, "--extensions", ".pgn", *(["--resume"] if resume else []))
+    assert typo.returncode == 2 and "no files with extensions .pgn under" in typo.stderr
+    assert "left as it was" in typo.stderr and "Traceback" not in typo.stderr
+    assert output.read_bytes() == before

@@ -127,6 +127,27 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(small_lists, one_epoch_run
     assert_one_line_error(code, err, str(run / "checkpoint.pth"))
 
 
+class RunsCode:
+    """A pickle payload: unpickling it calls touch(MARK), the way a crafted checkpoint would run code."""
+
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (Path.touch, (self.mark,))
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_is_one_line(small_lists, tmp_path, capsys):
+    run, mark = tmp_path / "run", tmp_path / "code-ran"
+    run.mkdir()
+    torch.save({"epoch": RunsCode(mark), "model": {}}, run / "checkpoint.pth")
+    code, err = run_cli(train, train_argv(small_lists, run, "--epochs", "2", "--resume"), capsys)
+    assert_one_line_error(code, err, str(run / "checkpoint.pth"))
+    code, err = run_cli(export, ["--checkpoint", str(run / "checkpoint.pth")], capsys)
+    assert_one_line_error(code, err, str(run / "checkpoint.pth"))
+    assert not mark.exists(), "loading the checkpoint ran the code it carried"
+
+
 def test_save_checkpoint_round_trips(tmp_path):
     state = {"epoch": 3, "weights": torch.arange(4.0)}
     save_checkpoint(state, tmp_path / "c.pth")

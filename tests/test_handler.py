@@ -20,6 +20,7 @@ from ts.context import Context, RequestProcessor
 from ts.metrics.metrics_store import MetricsStore
 
 from handler import batch_inference, classifier_handler, device, preprocessing
+from handler.aot import file_sha256
 from handler.classifier_handler import ClassifierHandler
 from handler.device import available_cores
 from tests.image_zoo import (
@@ -348,7 +349,8 @@ def test_auto_serves_bf16_only_with_the_capability_and_a_passing_report(handler_
                                                                           monkeypatch, has_bf16):
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: has_bf16)  # pretended either way
     run_dir = make_tiny_run(tmp_path / "run")
-    report = {"precision": "bf16", "passed": True, "agreement": 1.0, "accuracy_fp32": 1.0, "accuracy": 1.0}
+    report = {"precision": "bf16", "passed": True, "agreement": 1.0, "accuracy_fp32": 1.0, "accuracy": 1.0,
+              "model_sha256": file_sha256(run_dir / "model.pt")}
     (run_dir / "precision-bf16.json").write_text(json.dumps(report))
     handler, context = handler_factory(run_dir, with_precision("auto"))
     assert handler.precision == ("bf16" if has_bf16 else "fp32")
@@ -356,6 +358,19 @@ def test_auto_serves_bf16_only_with_the_capability_and_a_passing_report(handler_
     assert described["served"] == handler.precision and described["configured"] == "auto"
     assert described["agreement_reports"] == {"bf16": report}
     assert ("no native bf16" in described["why"]) is not has_bf16
+
+
+@pytest.mark.parametrize("setting", ["auto", "bf16"])
+def test_a_report_about_another_model_pt_refuses_the_start(handler_factory, tmp_path, monkeypatch, setting):
+    # A .mar whose model.pt was swapped after the check, its report edited to "passed": the report
+    # names the model.pt it was made for, and the handler compares before believing it.
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    run_dir = make_tiny_run(tmp_path / "run")
+    report = {"precision": "bf16", "passed": True, "agreement": 12.0, "model_sha256": "0" * 64}
+    (run_dir / "precision-bf16.json").write_text(json.dumps(report))
+    with pytest.raises(device.DeviceError, match="agreement report for bf16 is about another model.pt "
+                                                 "[(]sha256 000000000000[.][.][.], this one [0-9a-f]{12}"):
+        handler_factory(run_dir, with_precision(setting))
 
 
 def test_an_accelerator_failure_ends_the_worker(handler_factory, run_dir, monkeypatch):

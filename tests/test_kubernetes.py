@@ -260,7 +260,7 @@ def test_configmap_differs_from_the_repository_settings_only_where_intended():
     differences = {k: cluster[k] for k in cluster if cluster[k] != local[k]}
     assert differences == {
         "disable_token_authorization": "true",  # nginx checks the tokens; loopback only
-        "allowed_urls": "file:///app/model_store/[^/]+[.]mar",  # the pods' own store
+        "allowed_urls": "file:///app/model_store/[A-Za-z0-9_][A-Za-z0-9._-]*[.]mar",  # the pods' own store
         "default_startup_timeout": "600",  # real models load for minutes
         "metrics_config": "/app/handler/metrics.yaml",  # the image's copy of the handler's declaration
     }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import threading
 import warnings
@@ -91,6 +92,21 @@ def test_allowed_urls_refuse_remote_archives(server):
                                              f"{server.management_url}/models", server.keys(), "management",
                                              params={"url": url}, timeout=10)
         assert response.status_code == 404 and "does not match any allowed URL" in response.text
+
+
+def test_allowed_urls_admit_only_plain_file_names_of_the_store(server, tmp_path):
+    # TorchServe refuses a literal "..", but Java decodes %2e%2e%2f after the regex matched: the
+    # regex itself must admit nothing but a plain file name (no "%", no "/", no leading dot).
+    outside = server.store.parent / "outside-the-store.mar"
+    shutil.copyfile(server.store / f"{server.model}-{server.version}.mar", outside)
+    try:
+        for name in ("%2e%2e%2foutside-the-store.mar", "%2E%2E%2Foutside-the-store.mar", ".hidden.mar"):
+            response = torchserve.request_with_key(torchserve.new_session(), "POST",
+                                                   f"{server.management_url}/models", server.keys(), "management",
+                                                   params={"url": f"file://{server.store}/{name}"}, timeout=60)
+            assert response.status_code == 404 and "does not match any allowed URL" in response.text, name
+    finally:
+        outside.unlink()
 
 
 def test_prometheus_metrics_on_the_metrics_port(server):

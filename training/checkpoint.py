@@ -24,7 +24,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is tensors and plain data; unpickling anything else would run
+        # whatever code a crafted file names, before any check of ours could refuse it
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated zip, a pickle error, an empty file: all mean the same to the user
         reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:120]  # the first sentence says it
         raise UserError(f"{path}: damaged or not a checkpoint ({e.__class__.__name__}: {reason}); "
