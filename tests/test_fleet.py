@@ -65,8 +65,6 @@ ENTRY = "  - name: {name}\n    inference_url: {url}\n    key_file: keys/{name}.j
 
 def test_fleet_file_written_by_make_fleet_parses_with_each_replicas_urls_and_token_file(tmp_path):
     text = load_make_fleet().fleet_yaml(3, "ml", "/etc/ts-tokens/inference/token")
-    if "token_file" not in fleet.ENTRY_KEYS:
-        pytest.xfail("the fleet client does not read token_file yet (the nginx token contract)")
     replicas = fleet.load_fleet(write_fleet(tmp_path / "fleet.yaml", text))
     assert [r.name for r in replicas] == ["ts-0", "ts-1", "ts-2"]
     assert replicas[2].inference_url == "http://ts-2.ts.ml.svc.cluster.local:8090"
