@@ -406,8 +406,15 @@ def measure_set(name: str, files: list[Path], servers: dict[str, LocalServer], b
             row["served_limit"] = result.images_s / medians[precision, "limit"].images_s
             stock = medians.get(("fp32", "stock"))
             row["served_stock"] = result.images_s / stock.images_s if stock else None
-        if path == "served" and precision == "fp32" and ("fp32", METRICS_OFF) in medians:
-            row["metrics_cost"] = 1 - result.images_s / medians["fp32", METRICS_OFF].images_s  # issue 24
+        if path == "served" and precision == "fp32" and ("fp32", METRICS_OFF) in runs:  # issue 24
+            # Paired by round: on and off ran back to back, so a round's ratio cancels the machine's
+            # drift, which the two medians (taken apart) do not; the workers' CPU per image besides.
+            ratios = [on.images_s / off.images_s for on, off in zip(runs["fp32", "served"], runs["fp32", METRICS_OFF])]
+            off = medians["fp32", METRICS_OFF]
+            row["metrics_cost"] = 1 - statistics.median(ratios)
+            row["metrics_cost_medians"] = 1 - result.images_s / off.images_s
+            if "workers" in result.cpu_ms:
+                row["metrics_workers_cpu"] = result.cpu_ms["workers"] / off.cpu_ms["workers"] - 1
         if path == "client":  # issue 12's targets: against server mode on the same server
             server_mode = medians[precision, "served"]
             row["fewer_bytes"] = server_mode.request_bytes / result.request_bytes
