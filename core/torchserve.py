@@ -19,6 +19,8 @@ import re
 import sys
 import threading
 import time
+from collections import Counter
+from typing import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -427,13 +429,41 @@ def unready_models(server: TorchServe) -> list[str]:
     return waiting
 
 
-def wait_ready(server: TorchServe, timeout: float, alive=lambda: True) -> str | None:
-    """Poll until /ping is healthy and every model has a READY worker: None, or why not."""
+LOAD_FAILED = re.compile(r"Load model failed: (\S+), error: Worker died")
+LOAD_FAILURES_TO_GIVE_UP = 3  # TorchServe retries a dying worker for ever; the third death of a model's
+                              # workers at load says each retry fails alike (a missing module, a bad file)
+
+
+def load_failures(log: str | os.PathLike, offset: int = 0) -> Callable[[], str | None]:
+    """A check for wait_ready: why to give up, once TorchServe's log (ts_log.log), from `offset` on,
+    shows LOAD_FAILURES_TO_GIVE_UP deaths at load of one model's workers; None before that."""
+    def failing() -> str | None:
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        deaths = Counter(LOAD_FAILED.findall(text))
+        for model, count in deaths.items():
+            if count >= LOAD_FAILURES_TO_GIVE_UP:
+                return f"the workers of {model} died {count} times while loading it (TorchServe retries for ever)"
+        return None
+    return failing
+
+
+def wait_ready(server: TorchServe, timeout: float, alive=lambda: True,
+               failing: Callable[[], str | None] = lambda: None) -> str | None:
+    """Poll until /ping is healthy and every model has a READY worker: None, or why not (the server
+    exited, `failing` gave a reason, or `timeout` seconds passed)."""
     deadline = time.monotonic() + timeout
     why = "no answer on /ping"
     while time.monotonic() < deadline:
         if not alive():
             return "the server process exited"
+        given_up = failing()
+        if given_up:
+            return given_up
         try:
             why = server.ping()
         except KeyRefused as e:
@@ -473,6 +503,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key-file", default=str(DEFAULT_KEY_FILE), help="the server's key_file.json")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds `wait` waits")
     parser.add_argument("--pid", type=int, default=0, help="`wait` gives up when this process exits")
+    parser.add_argument("--log", default=None, help="`wait` gives up when this ts_log.log shows a model's "
+                                                    "workers dying at load again and again")
+    parser.add_argument("--log-offset", type=int, default=0, help="where this start's lines begin in --log")
     return parser
 
 
@@ -512,7 +545,8 @@ def main(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     server = TorchServe(args.url, args.management_url, Keys(key_file, args.management_url))
     why = wait_ready(server, max(0.0, deadline - time.monotonic()),
-                     alive=lambda: not args.pid or pid_alive(args.pid))
+                     alive=lambda: not args.pid or pid_alive(args.pid),
+                     failing=load_failures(args.log, args.log_offset) if args.log else lambda: None)
     if why:
         print(why, file=sys.stderr)
         return 1

@@ -174,9 +174,9 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
          "models: ${models[*]:-none}; waiting up to ${timeout}s"
     if ! "$PY" -m core.torchserve wait --url "http://127.0.0.1:$http" \
             --management-url "http://127.0.0.1:$mgmt" --key-file "$key_dir/key_file.json" \
-            --timeout "$timeout" --pid "$pid"; then
-        echo "error: TorchServe did not become ready (it exited, or ${timeout}s passed);" \
-             "the log lines that explain it:" >&2
+            --timeout "$timeout" --pid "$pid" --log "$LOG_DIR/ts_log.log" --log-offset "$ts_log_offset"; then
+        echo "error: TorchServe did not become ready (it exited, its workers kept dying at load, or" \
+             "${timeout}s passed); the log lines that explain it:" >&2
         sleep 1  # the frontend copies the workers' output into model_log.log with a lag
         explain "$pid" >&2
         echo "(full logs: $LOG_DIR)" >&2
