@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from core.errors import KeyRefused, Refused, ServerUnavailable
+from core.errors import KeyRefused, Refused, ServerUnavailable, command
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_KEY_FILE = REPO_ROOT / "key_file.json"  # where serve.sh runs torchserve
@@ -468,6 +468,8 @@ def wait_ready(server: TorchServe, timeout: float, alive=lambda: True,
             why = server.ping()
         except KeyRefused as e:
             return str(e)
+        except ServerUnavailable as e:  # the key file unreadable: perhaps half written, so read it again
+            why = str(e)
         if why is None:
             try:
                 waiting = unready_models(server)
@@ -553,9 +555,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli() -> None:
-    """scripts/serve.sh's helper: wait for a server, or print its status."""
-    sys.exit(main(get_args_parser().parse_args()))
+cli = command(main, get_args_parser)  # scripts/serve.sh's helper: a known error is one line, never a traceback
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ only this package is there; training reads its labels.json with the same functio
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 
@@ -13,12 +15,15 @@ class LabelsError(ValueError):
     """A label map that is missing or malformed; the message names the file."""
 
 
+INDEX = re.compile(r"0|[1-9][0-9]*")  # the keys save_labels writes: "1", never " 1", "01" or "0_1"
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
+    data = dict(pairs)
+    if len(data) < len(pairs):  # linear: 40,000 classes load at once (a count per key was quadratic)
+        repeated = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
         raise LabelsError(f"duplicate index {repeated[0]!r}")
-    return dict(pairs)
+    return data
 
 
 def load_labels(path: str | Path) -> list[str]:
@@ -36,12 +41,9 @@ def load_labels(path: str | Path) -> list[str]:
         raise LabelsError(f'{path}: expected a non-empty object like {{"0": "cat", "1": "dog"}}')
     by_index: dict[int, str] = {}
     for key, name in data.items():
-        try:
-            index = int(key)
-        except ValueError:
-            raise LabelsError(f"{path}: key {key!r} is not an integer index") from None
-        if index in by_index:
-            raise LabelsError(f"{path}: index {index} appears twice; each index must appear once")
+        if not INDEX.fullmatch(key):  # int() also takes " 1", "0_1" and "１"
+            raise LabelsError(f"{path}: key {key!r} is not an integer index (0, 1, 2, ...)")
+        index = int(key)  # one spelling per index: two keys cannot name one index
         if not isinstance(name, str) or not name.strip() or "\t" in name or "\n" in name:
             raise LabelsError(f"{path}: index {index}: label must be a non-empty string "
                             "without tabs or newlines")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,8 @@ from client.server_logs import BatchWatch
 from core import torchserve
 from core.errors import EXIT_CODES, KeyRefused, ServerUnavailable, UserError
 from core.files import IMAGE_EXTENSIONS, iter_files, parse_extensions
-from tests.conftest import FakeHTTP
+from client.local_server import free_ports
+from tests.conftest import REPO, FakeHTTP
 
 
 class TokenServer(FakeHTTP):
@@ -225,3 +228,20 @@ def test_keys_given_directly_are_kept_and_never_replaced_by_a_local_key_file(tmp
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "local-secret"}}))
     assert torchserve.Keys(keys={}).get("inference") is None
     assert torchserve.Keys(keys={"inference": "given"}).get("inference") == "given"
+
+
+@pytest.mark.parametrize("content", [None, '{"management": {"key": 1}'])
+def test_serve_helper_names_an_unreadable_key_file_in_one_line(tmp_path, content):
+    """`python -m core.torchserve wait` (serve.sh's helper) with a key file that is a folder or cut-short
+    JSON: one line naming it, exit 1, no traceback (it waits for the file to become readable first)."""
+    key_file = tmp_path / "key_file.json"
+    if content is None:
+        key_file.mkdir()
+    else:
+        key_file.write_text(content)
+    port = free_ports(1)[0]  # nothing listens there
+    result = subprocess.run([sys.executable, "-m", "core.torchserve", "wait", "--url", f"http://127.0.0.1:{port}",
+                             "--management-url", f"http://127.0.0.1:{port}", "--key-file", str(key_file),
+                             "--timeout", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and f"cannot read key file {key_file}" in result.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from handler import device
 from handler.preprocessing import PreprocessConfig, load_tensor
 from training import agreement, export, lists, train
 from training.dataset import ImageListDataset, read_list
-from training.labels import load_labels
+from training.labels import load_labels, save_labels
 from training.model import build_model
 from training.sample_data import write_digits
 
@@ -86,7 +87,9 @@ def test_read_list_bad_input_names_file_and_line(tmp_path, labels_file, content,
 @pytest.mark.parametrize("content, message", [
     ('{"0": "cat", "2": "dog"}', "contiguous from 0"),
     ('{"0": "cat", "0": "dog"}', "duplicate index '0'"),
-    ('{"0": "cat", "00": "dog"}', "index 0 appears twice"),
+    ('{"0": "cat", "00": "dog"}', "key '00' is not an integer index"),
+    ('{"0": "cat", " 1": "dog"}', "key ' 1' is not an integer index"),
+    ('{"0": "cat", "0_1": "dog"}', "key '0_1' is not an integer index"),
     ('{"0": "cat", "1": "cat"}', "used by two indices"),
     ('{"a": "cat"}', "not an integer index"),
     ('["cat", "dog"]', "expected a non-empty object"),
@@ -98,6 +101,21 @@ def test_load_labels_rejects_bad_maps(tmp_path, content, message):
     with pytest.raises(UserError, match=message) as info:
         load_labels(path)
     assert str(path) in str(info.value)
+
+
+def test_load_labels_of_40000_classes(tmp_path):
+    # a count per key made this quadratic (20 s in every worker at start); no time is asserted here
+    names = [f"class {i}" for i in range(40000)]
+    save_labels(names, tmp_path / "labels.json")
+    assert load_labels(tmp_path / "labels.json") == names
+
+
+def test_dataset_pickles_for_spawned_dataloader_workers(tmp_path, labels_file):
+    make_png(tmp_path / "a.png", (10, 200, 30))
+    (tmp_path / "val.list").write_text("a.png\tdog\n")
+    dataset = ImageListDataset(tmp_path / "val.list", labels_file, PreprocessConfig(image_size=(16, 16)))
+    copy = pickle.loads(pickle.dumps(dataset))  # what a spawn/forkserver worker receives
+    assert torch.equal(copy[0][0], dataset[0][0]) and copy[0][1] == dataset[0][1]
 
 
 def test_dataset_items_match_shared_preprocessing(tmp_path, labels_file):

@@ -1,6 +1,7 @@
 """A Dataset over a list file (`<image path>\\t<label name>`) and a labels JSON."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +66,9 @@ class ImageListDataset(Dataset):
         self.classes = load_labels(labels_path)
         self.samples = read_list(list_path, self.classes)
         self.cfg = cfg
-        self.transform = transform or (lambda img: preprocess(img, cfg))
+        # a partial, not a lambda: DataLoader workers started by spawn or forkserver (macOS; Linux's
+        # default from Python 3.14) receive the dataset pickled, and a lambda does not pickle
+        self.transform = transform or functools.partial(preprocess, cfg=cfg)
 
     def __len__(self) -> int:
         return len(self.samples)
