@@ -260,6 +260,7 @@ class Run:
         self.capacity, self.class_folders = capacity, class_folders
         self.pending: set[Future] = set()
         self.fatal: str | None = None
+        self.fatal_error: type[ServerUnavailable] = ServerUnavailable  # KeyRefused: a configuration error
         self.bar = tqdm(unit="file", disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
     def send_all(self, files: Iterator[tuple[Path, str]]) -> None:
@@ -294,8 +295,8 @@ class Run:
         for future in finished:
             try:
                 result = future.result()
-            except ServerUnavailable as e:
-                self.stop(str(e))
+            except ServerUnavailable as e:  # KeyRefused too: its exit code (2) is kept for the end
+                self.stop(str(e), type(e))
                 continue
             except Exception as e:  # noqa: BLE001 - a bug or an unforeseen failure: stop, the rows kept
                 self.stop(f"unexpected {type(e).__name__} while sending {future.rel}: {e}")
@@ -303,8 +304,9 @@ class Run:
             if result is not None:
                 self.write(*result)
 
-    def stop(self, why: str) -> None:
-        self.fatal = self.fatal or why
+    def stop(self, why: str, error: type[ServerUnavailable] = ServerUnavailable) -> None:
+        if self.fatal is None:
+            self.fatal, self.fatal_error = why, error
         self.dispatcher.abort.set()
 
     def write(self, row: dict, reason: str | None) -> None:
@@ -367,9 +369,9 @@ def summarise(args: argparse.Namespace, plan: Plan, run: Run, walked: int, model
     if args.class_folders and run.fatal is None:
         print(report_class_metrics(stats, plan.png))
     write_outputs(args, plan, run, mode, elapsed, precisions)
-    if run.fatal is not None:
-        raise ServerUnavailable(f"{run.fatal}; {stats.files} rows kept in {plan.output}: rerun with --resume "
-                                f"to finish")
+    if run.fatal is not None:  # exit 3, worth retrying; a refused key or token is 2, as at the start
+        raise run.fatal_error(f"{run.fatal}; {stats.files} rows kept in {plan.output}: rerun with --resume "
+                               f"to finish")
     versions = "/".join(sorted(stats.versions)) or "?"
     print(f"classify_dir: {stats.ok}/{stats.files} ok with {model} {versions}"
           + (f", shard {args.shard} of {walked} files" if plan.shard else "")

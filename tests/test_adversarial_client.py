@@ -224,3 +224,4 @@ def test_an_extensions_typo_refuses_before_touching_the_previous_results(server,
     assert typo.returncode == 2 and "no files with extensions .pgn under" in typo.stderr
     assert "left as it was" in typo.stderr and "Traceback" not in typo.stderr
     assert output.read_bytes() == before
+

@@ -5,6 +5,7 @@ slow clients. Malformed requests go out on raw sockets: an HTTP library would re
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import os
 import re
@@ -482,6 +483,35 @@ def test_the_documented_rotation_refuses_no_request_of_a_running_client(proxy):
         token_file.write_text(f"{old}\n")
         proxy.run("reload")
     assert len(statuses) > 60 and set(statuses) == {200}, sorted(set(statuses))
+
+
+def test_a_token_refused_mid_run_exits_2_with_rows_kept(proxy, tmp_path):
+    """nginx's token changes mid-run and the client's token file keeps the old one: the client re-reads
+    it, is refused again and stops: a configuration error (exit 2, not worth retrying as it is), not the
+    server being away (3), with the rows written so far kept."""
+    from tests.conftest import popen, rows_written, write_images
+    token_file = Path(proxy.env["PROXY_TOKEN_FILE"])
+    client_token = tmp_path / "inference.token"
+    client_token.write_text(f"{proxy.token}\n")
+    paths = write_images(tmp_path / "images", 200)
+    output = tmp_path / "rows.jsonl"
+    args = [str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "classify_dir.py"), str(tmp_path / "images"),
+            "--model", MODEL, "--url", proxy.url, "--management-url", proxy.management_url,
+            "--inference-token-file", str(client_token), "--output", str(output), "--concurrency", "1",
+            "--preprocess", "server"]
+    try:
+        with popen(args) as proc:
+            assert wait_for(lambda: rows_written(output) >= 10, 60)
+            token_file.write_text(f"{secrets.token_hex(24)}\n")
+            assert proxy.run("reload").returncode == 0
+            stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        token_file.write_text(f"{proxy.token}\n")
+        proxy.run("reload")
+    assert proc.returncode == 2, stdout + stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    kept = [json.loads(line) for line in output.read_text().splitlines()]
+    assert 10 <= len(kept) < len(paths) and len({r["path"] for r in kept}) == len(kept)
 
 
 def test_the_worst_case_of_uploads_cannot_fill_the_spool_past_its_budget(tmp_path):
