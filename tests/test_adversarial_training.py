@@ -127,6 +127,17 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(small_lists, one_epoch_run
     assert_one_line_error(code, err, str(run / "checkpoint.pth"))
 
 
+def test_freeze_backbone_keeps_the_backbones_batchnorm_statistics(small_lists, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = run_cli(train, train_argv(small_lists, run, "--epochs", "1", "--freeze-backbone"), capsys)
+    assert code == 0, err
+    state = load_checkpoint(run / "checkpoint.pth")["model"]
+    means = {k: v for k, v in state.items() if k.endswith("running_mean")}
+    assert means  # resnet18 has BatchNorm layers: they were built with mean 0 and variance 1
+    assert all(torch.count_nonzero(v) == 0 for v in means.values()), "a frozen BatchNorm's mean moved"
+    assert all(torch.all(state[k.replace("running_mean", "running_var")] == 1) for k in means)
+
+
 class RunsCode:
     """A pickle payload: unpickling it calls touch(MARK), the way a crafted checkpoint would run code."""
 

@@ -122,6 +122,15 @@ def check_input_size(model: nn.Module, arch: str, size: tuple[int, int], limit: 
     raise UserError(f"{flag}: too small for {arch}; the smallest square size it takes is {high}")
 
 
+def hold_frozen_norms(model: nn.Module) -> None:
+    """Put the BatchNorm layers whose weights are frozen in eval mode (after model.train()): train mode
+    would still move their running statistics with every batch, so a frozen backbone would change."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the output layer (the part left trainable by --freeze-backbone)."""
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]

@@ -24,7 +24,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import ImageListDataset
 from training.export import export_torchscript
 from training.labels import save_labels
-from training.model import build_model, check_input_size, head_parameters
+from training.model import build_model, check_input_size, head_parameters, hold_frozen_norms
 
 
 class TrainPreset:
@@ -83,6 +83,7 @@ def check_batches(model: nn.Module, args, train_size: int) -> None:
 
 def train_one_epoch(model, loader, optimizer, scaler, device, epoch: int, epochs: int) -> dict:
     model.train()
+    hold_frozen_norms(model)  # --freeze-backbone: the backbone's BatchNorm statistics stay as they are
     criterion = nn.CrossEntropyLoss()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=None)
