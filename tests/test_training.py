@@ -322,3 +322,26 @@ def test_precision_gate_verdict_and_its_one_line_failure(tmp_path, capsys, monke
     assert err.startswith("error: precision gate failed: top-1 agreement with fp32 99.40 % < 99.5 %; accuracy")
     report = json.loads((run / "precision-bf16.json").read_text())
     assert report["passed"] is False and len(report["failures"]) == 2
+
+
+def test_agreement_holds_one_batch_of_decoded_images_at_a_time(tmp_path, monkeypatch):
+    # A 50,000-image validation list at 224 px decoded up front is ~30 GB: measure must decode a batch,
+    # run both models on it and move on (issue 25, item 16).
+    from tests.tiny_model import make_tiny_run
+    run = make_tiny_run(tmp_path / "run")
+    labels = load_labels(run / "index_to_name.json")
+    lines = []
+    for i in range(3 * agreement.BATCH_SIZE + 1):
+        make_png(tmp_path / "val" / f"{i}.png", ((i * 40) % 256, 200, 30))
+        lines.append(f"{tmp_path / 'val' / f'{i}.png'}\t{labels[i % len(labels)]}")
+    (tmp_path / "val.list").write_text("\n".join(lines) + "\n")
+    events = []
+    decode, forward = agreement.load_tensor, agreement.served_probabilities
+    monkeypatch.setattr(agreement, "load_tensor", lambda *a, **k: events.append("decode") or decode(*a, **k))
+    monkeypatch.setattr(agreement, "served_probabilities",
+                        lambda *a, **k: events.append("forward") or forward(*a, **k))
+    figures = agreement.measure(run, "fp32", tmp_path / "val.list", torch.device("cpu"))
+    assert figures["images"] == len(lines) and figures["agreement"] == 100.0
+    assert events.count("decode") == len(lines)  # each image decoded once, for both models
+    last_decode = len(events) - 1 - events[::-1].index("decode")
+    assert events.index("forward") < last_decode, "every image was decoded before the first forward pass"

@@ -51,10 +51,8 @@ def measure(run_dir: str | Path, precision: str, val_list: str | Path, where: to
     labels = load_labels(run_dir / "index_to_name.json")
     samples = read_list(val_list, labels)
     cfg = PreprocessConfig.load(run_dir / "preprocess.json")
-    images = [load_tensor(path, cfg) for path, _ in samples]
     truth = torch.tensor([label for _, label in samples])
-    reference, seconds_fp32 = served_probabilities(
-        batch_inference.load_model(run_dir / "model.pt", where, "fp32"), torch.float32, images, where)
+    reference_model = batch_inference.load_model(run_dir / "model.pt", where, "fp32")
     extra = {}
     if package is None:
         model, dtype = batch_inference.load_model(run_dir / "model.pt", where, precision), devices.DTYPES[precision]
@@ -62,9 +60,18 @@ def measure(run_dir: str | Path, precision: str, val_list: str | Path, where: to
         model, meta = aot.load_package(package, where)
         dtype, precision = torch.float32, f"pt2-{meta['precision']}"
         extra = {"package": Path(package).name, "package_sha256": meta["package_sha256"], "march": meta["march"]}
-    lower, seconds = served_probabilities(model, dtype, images, where)
-    per_image = (reference - lower).abs().max(dim=1).values
-    top1_fp32, top1 = reference.argmax(dim=1), lower.argmax(dim=1)
+    # Batch by batch: decoded images are held one batch at a time (a whole 50,000-image list at 224 px
+    # was ~30 GB), and of the probabilities only each image's top-1s and largest difference are kept.
+    top1_fp32, top1, differences, seconds_fp32, seconds = [], [], [], 0.0, 0.0
+    for start in range(0, len(samples), BATCH_SIZE):
+        images = [load_tensor(path, cfg) for path, _ in samples[start:start + BATCH_SIZE]]
+        reference, spent_fp32 = served_probabilities(reference_model, torch.float32, images, where)
+        lower, spent = served_probabilities(model, dtype, images, where)
+        top1_fp32.append(reference.argmax(dim=1))
+        top1.append(lower.argmax(dim=1))
+        differences.append((reference - lower).abs().max(dim=1).values)
+        seconds_fp32, seconds = seconds_fp32 + spent_fp32, seconds + spent
+    per_image, top1_fp32, top1 = torch.cat(differences), torch.cat(top1_fp32), torch.cat(top1)
     return {
         "precision": precision, "device": devices.describe_device(where), "images": len(samples),
         "agreement": round(100 * (top1 == top1_fp32).float().mean().item(), 4),
