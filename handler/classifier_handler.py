@@ -49,6 +49,7 @@ class ClassifierHandler(BaseHandler):
             self.precision, reason = device.resolve_precision(self.settings.precision, self.device, self.reports)
             self.dtype = device.DTYPES[self.precision]
         self.precision_reason = reason
+        self.model_format = "pt2" if self.package else "torchscript"
         # auto: cores // workers of this server now running; rechecked as workers come and go.
         self.configured_workers = int(model_yaml.get("minWorkers") or 1)
         self.decode_pool = None
@@ -65,7 +66,7 @@ class ClassifierHandler(BaseHandler):
         cache = getattr(context, "metrics", None)
         self.metrics = metrics.HandlerMetrics(
             cache, str(getattr(context, "model_name", "") or ""), self.model_version, self.labels, self.precision,
-            "pt2" if self.package else "torchscript") if cache is not None and self.settings.metrics else None
+            self.model_format) if cache is not None and self.settings.metrics else None
         self.context = context
         self.initialized = True
         logger.info("classifier ready: %d classes, input %s, device %s, precision %s (%s), %d torch threads",
@@ -119,7 +120,7 @@ class ClassifierHandler(BaseHandler):
             "precision": {"served": self.precision, "configured": self.settings.precision,
                           "why": self.precision_reason, "device": str(self.device),
                           "agreement_reports": self.reports},
-            "format": "pt2" if self.package else "torchscript",
+            "format": self.model_format,
             "metrics": getattr(self, "metrics", None) is not None,  # handler/metrics.py's, to Prometheus
             "package": self.package,  # the .pt2's record: precision, march and the CPU flags it needs
         }

@@ -28,8 +28,7 @@ IMAGES, ANSWERS, PRECISION = "classifier_images_total", "classifier_answers_tota
 BATCH, DECODE, FORWARD = "classifier_batch_seconds", "classifier_decode_seconds", "classifier_forward_seconds"
 BATCH_IMAGES, SHORTFALL = "classifier_batch_images", "classifier_top1_shortfall"
 _TYPES = {IMAGES: MetricTypes.COUNTER, ANSWERS: MetricTypes.COUNTER, PRECISION: MetricTypes.GAUGE,
-          BATCH: MetricTypes.HISTOGRAM, DECODE: MetricTypes.HISTOGRAM, FORWARD: MetricTypes.HISTOGRAM, BATCH_IMAGES: MetricTypes.HISTOGRAM,
-          SHORTFALL: MetricTypes.HISTOGRAM}
+          **dict.fromkeys((BATCH, DECODE, FORWARD, BATCH_IMAGES, SHORTFALL), MetricTypes.HISTOGRAM)}
 
 
 def dimension_value(value: str) -> str:
