@@ -53,14 +53,15 @@ FROM base AS server
 # NVIDIA_DRIVER_CAPABILITIES: TorchServe counts GPUs with nvidia-smi, which the NVIDIA
 # container runtime mounts only with "utility".
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# Java 17 for TorchServe's frontend, nginx in front of it, tini as PID 1 to pass signals to the
-# whole process group, procps for `kill`: TorchServe stops a worker by running `kill -9 PID`
-# (without it every scale-down and unregister answers 500). The man1 folder: the JRE's
-# post-install step links manual pages there.
+# Java 17 for TorchServe's frontend, nginx in front of it (with its stream module, which bounds
+# each client address's connections: deploy/nginx), tini as PID 1 to pass signals to the whole
+# process group, procps for `kill`: TorchServe stops a worker by running `kill -9 PID` (without it
+# every scale-down and unregister answers 500). The man1 folder: the JRE's post-install step links
+# manual pages there.
 RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        openjdk-17-jre-headless nginx tini procps \
+        openjdk-17-jre-headless nginx libnginx-mod-stream tini procps \
     && rm -rf /var/lib/apt/lists/*
 # What the workers import (torch's Linux wheels are CUDA builds, ~5.5 GB), and the probe's requests.
 COPY requirements-server.lock .

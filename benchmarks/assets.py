@@ -1,8 +1,8 @@
-"""What the benchmark (scripts/benchmark.py) measures with: a model run, two image sets, captum, .mar files, servers.
+"""What the benchmark (scripts/benchmark.py) measures with: a model run, two image sets, .mar files, servers.
 
 Everything is made under bench/ (git-ignored) and reused when it is already there, so a
-second `make bench` spends its time measuring. Nothing is downloaded except captum, which
-TorchServe's stock image_classifier handler imports; it goes into bench/site, never .venv.
+second `make bench` spends its time measuring. Nothing is downloaded: captum, which TorchServe's
+stock image_classifier handler imports, is pinned in requirements-test.txt (`make install`).
 """
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ from client.local_server import LocalServer
 from handler.preprocessing import PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-WORK = ROOT / "bench"  # git-ignored: run folder, images, captum, model store, server logs
+WORK = ROOT / "bench"  # git-ignored: run folder, images, model store, server logs
 SUMMARY = re.compile(r"ok (\d+), failed (\d+).*?; ([\d.]+) images/s over ([\d.]+)s; "
                      r"latency ms p50 ([\d.]+) p95 ([\d.]+)")
 
 PYTHON = ROOT / ".venv" / "bin" / "python"
 ARCHIVER = ROOT / ".venv" / "bin" / "torch-model-archiver"
-CAPTUM = "captum==0.9.0"  # imported by ts/torch_handler/vision_handler.py; pure Python
 PHOTO_SOURCES = ("china.jpg", "flower.jpg")  # scikit-learn's bundled photos, 640x427
 PHOTO_NOISE = 4.0  # sensor-like grain (std, 0-255): a smooth upscale would compress far below a camera's
 
@@ -146,21 +145,6 @@ def make_photo_set(folder: Path, count: int, size: tuple[int, int], seed: int = 
                 folder / f"photo_{i:03d}.jpg", "JPEG", quality=90)
         _write_stamp(folder, settings)
     return sorted(folder.glob("*.jpg"))
-
-
-def ensure_captum(site: Path) -> Path:
-    """captum in `site` (a --target folder for the stock server's PYTHONPATH), installed once."""
-    if (site / "captum" / "__init__.py").is_file() and _stamp_matches(site, {"captum": CAPTUM}):
-        return site
-    shutil.rmtree(site, ignore_errors=True)
-    site.mkdir(parents=True)
-    # --no-deps: its dependencies (torch, numpy, matplotlib, tqdm) are in .venv already.
-    # PIP_CONFIG_FILE=/dev/null as in scripts/install.sh: a machine-wide constraint must not apply.
-    subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--no-deps", "--target", str(site), CAPTUM],
-                   check=True, env={**os.environ, "PIP_CONFIG_FILE": "/dev/null"})
-    _write_stamp(site, {"captum": CAPTUM})
-    return site
 
 
 def archive_project(run_dir: Path, store: Path, name: str, version: str = "1.0", *flags: str, **env: str) -> str:

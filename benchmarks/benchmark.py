@@ -47,7 +47,9 @@ from client import pixels
 from client.local_server import LocalServer
 from client.results import percentile
 from core.errors import command
-from core.torchserve import Keys, TorchServe, new_session
+from core.http import new_session
+from core.keys import Keys
+from core.torchserve import TorchServe
 from handler import batch_inference, preprocessing, request_decoding
 from handler import device as devices
 
@@ -331,10 +333,9 @@ def start_servers(run_dir: Path, store: Path, stock: bool, served_precisions: li
                                          {"handler.metrics": False})
         servers[METRICS_OFF] = LocalServer(WORK / "servers" / METRICS_OFF, store, [archive], start_timeout=180)
     if stock:
-        site = assets.ensure_captum(WORK / "site")
+        # captum, which the stock handler imports, is in .venv (requirements-test.txt)
         servers["stock"] = LocalServer(WORK / "servers" / "stock", store,
-                                       [assets.archive_stock(run_dir, store, "stock")], start_timeout=180,
-                                       extra_env={"PYTHONPATH": str(site)})  # captum for the stock workers only
+                                       [assets.archive_stock(run_dir, store, "stock")], start_timeout=180)
     return servers
 
 

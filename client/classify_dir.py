@@ -8,8 +8,9 @@ same code spreads the files over a fleet file's replicas.
 
 Exit codes (the README's "Exit codes"): 0 the run finished and at most --max-failed-share of
 the files failed (bad images are error rows); 1 more failed; 2 usage or configuration
-error, never worth retrying as it is; 3 no replica could be used, worth retrying later
-(--resume keeps the rows); 130 interrupted (SIGINT or SIGTERM), rows kept.
+error, never worth retrying as it is; 3 no replica could be used, or the disk (or quota) of the
+outputs is full ("no space left", the rows written kept whole), worth retrying later (--resume keeps
+the rows); 130 interrupted (SIGINT or SIGTERM), rows kept.
 
 Every run that sent files leaves `<output stem>.summary.json` beside its rows, also one stopped with
 exit 3: the printed summary as data (its fields: client/summary.py); --report HTML adds the run's
@@ -46,10 +47,11 @@ from client.dispatch import (
 from client.fleet import replicas_from_args
 from client.report import DEFAULT_LEAST_CONFIDENT, check_output, make_report
 from client.results import FIELDS, RowWriter, Stats, keep_finished_rows, report_class_metrics
-from client.sending import Classifier, Retry, RunCheck, resolve_model
+from client.policy import Retry
+from client.sending import Classifier, RunCheck, look_up, resolve_model
 from client.shards import parse_shard, shard_of
 from client.summary import Results, summary_of, summary_path, write_summary
-from core.errors import EXIT_FAILED, EXIT_OK, Refused, ServerUnavailable, UserError, command
+from core.errors import EXIT_FAILED, EXIT_OK, BadAnswer, NoSpace, Refused, ServerUnavailable, UserError, command
 from core.files import DEFAULT_EXTENSIONS, DEFAULT_MAX_BYTES, iter_files, parse_extensions, true_label_of
 from core.torchserve import TorchServe, add_server_flags
 
@@ -154,14 +156,26 @@ def plan_run(args: argparse.Namespace) -> Plan:
                 output.with_name(output.stem + ".confusion.png"), summary_path(output), report)
 
 
-def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) -> RunCheck:
+def look(states: list[ReplicaState], model: str, version: str | None, settings: bool) -> dict[str, object]:
+    """One describe of each replica that is in -> what it serves (Served, None: not registered, False:
+    not known, its management API did not answer, said); a replica answering nonsense is put out."""
+    served: dict[str, object] = {}
+    for state in (s for s in states if s.healthy):
+        try:
+            served[state.replica.name] = look_up(state.server, model, version, settings)
+        except BadAnswer as e:
+            state.healthy, state.why = False, str(e)
+    return served
+
+
+def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str, served: dict) -> RunCheck:
     """The checks every replica must pass, from what the healthy ones serve now: one default version
     (unless --version or --allow-mixed-versions) and, for client-side pixels, one preprocessing."""
-    healthy = [s for s in states if s.healthy]
+    known = {s.replica.name: served[s.replica.name] for s in states
+             if s.healthy and served.get(s.replica.name) is not False}
     default = None
     if args.version is None and not args.allow_mixed_versions:
-        versions = {s.replica.name: _default_version(s, model) for s in healthy}
-        versions = {name: v for name, v in versions.items() if v != "?"}
+        versions = {name: found and found.version for name, found in known.items()}
         if len(set(versions.values())) > 1:
             named = "; ".join(f"{name}: {v or 'not registered'}" for name, v in versions.items())
             raise UserError(f"the replicas serve different default versions of '{model}' ({named}); pass "
@@ -169,13 +183,11 @@ def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str) 
         default = next(iter(versions.values()), None)
     settings = None
     if args.preprocess != "server":
-        found = {}
-        for s in healthy:
-            try:
-                found[s.replica.name] = pixels.fetch_settings(s.server, model, args.version)
-            except (Refused, ServerUnavailable) as e:  # a passing failure must not block the run: said
+        for name, found in known.items():
+            if found and found.unread:  # a worker still loading, say: it is checked again when it comes in
                 logging.getLogger("classify_dir").warning("preprocessing settings of replica %s not compared: "
-                                                          "%s", s.replica.name, e)
+                                                          "%s", name, found.unread)
+        found = {name: found and found.settings for name, found in known.items() if not (found and found.unread)}
         distinct = list(dict.fromkeys(found.values()))
         if len(distinct) > 1:
             (a, sa), (b, sb) = [next((n, v) for n, v in found.items() if v == d) for d in distinct[:2]]
@@ -195,11 +207,11 @@ def _default_version(state: ReplicaState, model: str) -> str | None:
         return "?"
 
 
-def keep_out_failing(states: list[ReplicaState], check: RunCheck, source: str) -> list[TorchServe]:
+def keep_out_failing(states: list[ReplicaState], check: RunCheck, served: dict, source: str) -> list[TorchServe]:
     """Put out, with its reason, each healthy replica that fails `check`; the servers left in."""
     for state in states:
         if state.healthy:
-            why = check.problem(state.server, ready=False)
+            why = check.problem(state.server, ready=False, served=served[state.replica.name])
             state.healthy, state.why = why is None, why
     return healthy_servers(states, source)
 
@@ -210,10 +222,14 @@ def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
     replicas, source = replicas_from_args(args)
     states = probe_replicas(replicas, args.timeout)
     model = resolve_model(args, healthy_servers(states, source))
-    keep_out_failing(states, RunCheck(model, args.version), source)  # the model is there, with a worker
-    check = run_check(args, states, model)  # then: one version and one preprocessing among those left
-    server = keep_out_failing(states, check, source)[0]
-    mode, prepare = pixels.choose(args.preprocess, server, model, args.version)
+    served = look(states, model, args.version, settings=args.preprocess != "server")  # one describe each
+    keep_out_failing(states, RunCheck(model, args.version), served, source)  # the model is there, with a worker
+    check = run_check(args, states, model, served)  # then: one version and one preprocessing among those left
+    keep_out_failing(states, check, served, source)
+    first = served.get(next(s.replica.name for s in states if s.healthy))
+    unread = "the management API did not answer" if first is False else first and first.unread
+    why = f"its settings could not be read ({unread})" if unread else pixels.NO_SETTINGS
+    mode, prepare = pixels.choose(args.preprocess, model, check.settings, why)
     for state in states:
         state.sender = Classifier(state.server, model, args.version, topk=args.topk, timeout=args.timeout)
 
@@ -312,7 +328,11 @@ class Run:
     def write(self, row: dict, reason: str | None) -> None:
         if self.class_folders:
             row["true_label"] = true_label_of(row["path"])
-        self.writer.write(row)
+        try:
+            self.writer.write(row)
+        except NoSpace as e:  # the file still ends on its last whole row; --resume sends this file again
+            self.stop(str(e), NoSpace)
+            return
         self.stats.add(row, reason)
         self.bar.update(1)
         self.bar.set_postfix(ok=self.stats.ok, failed=sum(self.stats.failed.values()), refresh=False)
@@ -366,9 +386,15 @@ def summarise(args: argparse.Namespace, plan: Plan, run: Run, walked: int, model
     print("\n".join(run.dispatcher.summary(elapsed)))
     if len(stats.versions) > 1:
         print("versions: " + ", ".join(f"{v}: {n} rows" for v, n in sorted(stats.versions.items())))
-    if args.class_folders and run.fatal is None:
-        print(report_class_metrics(stats, plan.png))
-    write_outputs(args, plan, run, mode, elapsed, precisions)
+    try:
+        if args.class_folders and run.fatal is None:
+            print(report_class_metrics(stats, plan.png))
+        write_outputs(args, plan, run, mode, elapsed, precisions)
+    except NoSpace as e:  # the rows written stay whole: retried as a run stopped for space
+        if run.fatal is None:
+            run.fatal, run.fatal_error = str(e), NoSpace
+        else:
+            run.fatal += f"; {e}"
     if run.fatal is not None:  # exit 3, worth retrying; a refused key or token is 2, as at the start
         raise run.fatal_error(f"{run.fatal}; {stats.files} rows kept in {plan.output}: rerun with --resume "
                                f"to finish")

@@ -13,13 +13,15 @@ from typing import Callable
 from client.fleet import Replica
 from client.pixels import BadImage
 from client.results import error_row
-from client.sending import Answer, Classifier, Retry
+from client.policy import Action, Decision, Kind, Outcome, Retry, decide
+from client.sending import Classifier
 from core.errors import KeyRefused, ServerUnavailable
 from core.files import NotSent, read_image
 from core.torchserve import TorchServe
 
 PROBE_INTERVAL_S = 1.0  # how often a replica that was taken out is asked /ping and checked
 DEFAULT_GRACE_S = 30.0  # with every replica out this long, the run stops (exit 3, rows kept)
+NOBODY = object()  # _acquire: no replica that may take the file is in
 
 
 @dataclass
@@ -37,7 +39,7 @@ class ReplicaState:
     taken_out: int = 0
     files: int = 0
     errors: int = 0
-    server_errors: int = 0  # 5xx answers in a row (other than the transient ones)
+    failures: int = 0  # failed answers in a row (non-transient 5xx, a 200 that is no answer)
     key_refused: bool = False  # out because it refused our credentials: configuration, not availability
     probe_after: float = 0.0  # time.monotonic() before which it is not probed (backs off as it fails again)
 
@@ -97,10 +99,11 @@ class Dispatcher:
     """Sends one run's files over the replicas (one or many alike), each file until it has its row.
 
     A file is read and prepared once, then sent to the healthy replica with the fewest requests in
-    flight and room. Retry says how often and how fast a transient answer is tried again. A timeout
-    or a cut connection takes its replica out at once (its other requests finish or time out there)
-    and the file goes elsewhere; a 5xx answer is tried once on each other healthy replica before it
-    is the image's error, and `retry.take_out_after` 5xx answers in a row take a replica out.
+    flight and room; what follows each answer is client/policy.py's decide(): a transient answer is
+    tried again after a backoff, a timeout or a cut connection takes its replica out at once (its other
+    requests finish or time out there) and the file goes elsewhere, a 5xx or a 200 that is no answer
+    is tried once on each other healthy replica (never again on one that failed it) before it is the
+    image's error, and `retry.take_out_after` such failures in a row take a replica out.
     Replicas that are out are probed every `probe_interval` s with `admit` (the start's checks) and
     put back when it passes; with every replica out for `grace` s the run stops (ServerUnavailable).
     """
@@ -127,7 +130,7 @@ class Dispatcher:
 
     def classify(self, path: Path, rel: str) -> tuple[dict, str | None] | None:
         """One file -> (its row, naming the replica that answered; failure reason or None); None when
-        the run stopped first."""
+        the run stopped first. Each attempt's outcome goes through the policy (client/policy.py)."""
         row = {"path": rel, "model": self.model}
         started = time.perf_counter()
         try:
@@ -137,82 +140,87 @@ class Dispatcher:
         except BadImage as e:  # refused here by the server's own check: its message, code, and time taken
             row["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
             return error_row(row, e.message, e.code), f"http {e.code}"
-        # attempt: retries spent (transient answers, no answer); avoid: replicas this file had trouble
-        # with (sent elsewhere while another is in); refused_by: replicas that gave it a 5xx
-        attempt, avoid, refused_by, last = 0, set(), set(), None
+        # attempt: retries spent; avoid: replicas tried (another first, if one is in); exclude: replicas
+        # that failed the file (never again); last: the latest (row, reason), the file's if nothing else comes
+        attempt, avoid, exclude, last, answered_by = 0, set(), set(), None, None
         while not self.abort.is_set():
-            state = self._acquire(avoid=avoid)
+            state = self._acquire(avoid, exclude)
             if state is None:
                 break
-            try:
-                answer = state.sender.send(body, content_type, row)
-            except KeyRefused as e:  # configuration, not availability: said so if every replica is out for it
-                self._take_out(state, str(e), key_refused=True)
-                continue
-            except ServerUnavailable as e:  # model or workers gone there: its fault, not the file's
-                self._take_out(state, str(e))
-                continue
-            finally:
-                self._release(state)
-            avoid.add(state.replica.name)
-            if answer.row is None:  # no answer: a hanging or dead replica; the file goes elsewhere
-                self._take_out(state, f"{answer.reason} ({answer.error})")
-                last = (error_row({**row, "replica": state.replica.name}, answer.error, None), answer.reason)
-            else:
-                done = self._answered(state, answer, refused_by)
-                if done is not None:
-                    return done
-                last = (answer.row, answer.reason)
-                if answer.status not in self.retry.statuses:
-                    continue  # a 5xx moves to a replica that has not refused it: no retry spent
-                if answer.status == 503 and not self.retry.allows(attempt) and self._no_ready_worker(state):
-                    continue  # its replica is out now; the file goes elsewhere, or waits for it
-            if not self.retry.allows(attempt):
+            if state is NOBODY:  # every replica that may take it failed it or is out: its last row is its own
+                if self.abort.is_set():
+                    break
+                self._count(answered_by, last)
                 return last
-            if answer.status in self.retry.statuses:
-                self.abort.wait(self.retry.delay(attempt))
-            attempt += 1
+            outcome, answer = self._send(state, body, content_type, row)
+            last = answer or last
+            if outcome.kind in (Kind.ANSWER, Kind.BAD_ANSWER):
+                answered_by = state
+            no_worker = state.sender.no_ready_worker() if self.retry.asks_workers(outcome, attempt) else None
+            decision = self._apply(state, outcome, attempt, exclude, no_worker)
+            avoid.add(state.replica.name)
+            if decision.exclude:
+                exclude.add(state.replica.name)
+            if decision.action is Action.DONE:
+                self._count(state if outcome.kind in (Kind.ANSWER, Kind.BAD_ANSWER) else None, last)
+                return last
+            if decision.action is Action.RETRY:
+                if decision.back_off:
+                    self.abort.wait(self.retry.delay(attempt))
+                attempt += 1
         return None
 
-    def _answered(self, state: ReplicaState, answer: Answer, refused_by: set) -> tuple[dict, str | None] | None:
-        """Account for an answer; the final (row, reason), or None to send the file again."""
-        answer.row["replica"] = state.replica.name
-        status = answer.status or 0
-        with self.changed:
-            if state.healthy:  # an answer from a replica that is in: the fleet is not all out
-                self._all_out_since = None
-            # 502/504: the front answering for a server behind it that is gone; 503/507 are busy
-            server_error = status >= 500 and status not in self.retry.busy
-            state.server_errors = state.server_errors + 1 if server_error else 0
-            if state.server_errors >= self.retry.take_out_after:
-                self._take_out_locked(state, f"{state.server_errors} server errors in a row "
-                                             f"(last: {answer.row.get('error')})")
-            if status in self.retry.statuses:
-                return None
-            if server_error:
-                refused_by.add(state.replica.name)
-                if any(s.healthy and s.replica.name not in refused_by for s in self.states):
-                    return None  # another replica may answer it: a replica's fault is not the image's
-            state.files += 1
-            state.errors += answer.row.get("status") != "ok"
-        return answer.row, answer.reason
-
-    def _no_ready_worker(self, state: ReplicaState) -> bool:
-        """After a last 503 (outside the lock: it asks the management API): True, and the replica
-        taken out, when its version has no READY worker, so every request there would get 503."""
+    def _send(self, state: ReplicaState, body: bytes, content_type: str,
+              row: dict) -> tuple[Outcome, tuple[dict, str | None] | None]:
+        """One attempt on `state`'s replica -> its outcome and, when there is one, the (row, reason) it gives."""
         try:
-            state.sender.check_workers_after_503()
-        except ServerUnavailable as e:
-            self._take_out(state, str(e))
-            return True
-        return False
+            answer = state.sender.send(body, content_type, row)
+        except KeyRefused as e:  # configuration, not availability: said so if every replica is out for it
+            return Outcome(Kind.KEY_REFUSED, why=str(e)), None
+        except ServerUnavailable as e:  # model or workers gone there: its fault, not the file's
+            return Outcome(Kind.UNAVAILABLE, why=str(e)), None
+        finally:
+            self._release(state)
+        if answer.row is None:  # no answer: a hanging or dead replica
+            return answer.outcome, (error_row({**row, "replica": state.replica.name}, answer.error, None),
+                                    answer.reason)
+        answer.row["replica"] = state.replica.name
+        return answer.outcome, (answer.row, answer.reason)
 
-    def _acquire(self, avoid: set) -> ReplicaState | None:
-        """The healthy replica with the fewest requests in flight and room (one not in `avoid` when
-        there is one); waits while there is none; ServerUnavailable when all stay out past the grace."""
+    def _count(self, state: ReplicaState | None, last: tuple[dict, str | None] | None) -> None:
+        """The file's row is `last`, answered by `state` (None: by no replica): count it there."""
+        if state is not None and last is not None:
+            with self.changed:
+                state.files += 1
+                state.errors += last[0].get("status") != "ok"
+
+    def _apply(self, state: ReplicaState, outcome: Outcome, attempt: int, exclude: set,
+               no_worker: str | None) -> Decision:
+        """Decide (a pure function of the outcome and the state, under the lock) and apply it to the replica."""
+        with self.changed:
+            others = any(s.healthy and s is not state and s.replica.name not in exclude for s in self.states)
+            decision = decide(outcome, attempt=attempt, failures=state.failures, others=others,
+                              retry=self.retry, no_worker=no_worker)
+            answered = outcome.kind in (Kind.ANSWER, Kind.BAD_ANSWER)
+            if answered:
+                state.failures = decision.failures
+                if state.healthy:  # an answer from a replica that is in: the fleet is not all out
+                    self._all_out_since = None
+            if decision.take_out:
+                self._take_out_locked(state, decision.take_out)
+                state.key_refused = state.key_refused or outcome.kind is Kind.KEY_REFUSED
+        return decision
+
+    def _acquire(self, avoid: set, exclude: set) -> ReplicaState | None:
+        """The healthy replica with the fewest requests in flight and room, never one in `exclude` and
+        one not in `avoid` when there is one; waits while there is none. None when the run stops,
+        NOBODY when every replica not in `exclude` is out; ServerUnavailable when all stay out past the grace."""
         with self.changed:
             while not self.abort.is_set():
-                room = [s for s in self.states if s.healthy and s.in_flight < self.per_replica]
+                allowed = [s for s in self.states if s.replica.name not in exclude]
+                if exclude and not any(s.healthy for s in allowed):
+                    return NOBODY
+                room = [s for s in allowed if s.healthy and s.in_flight < self.per_replica]
                 room = [s for s in room if s.replica.name not in avoid] or room
                 if room:
                     state = min(room, key=lambda s: (s.in_flight, s.sent))
@@ -229,11 +237,6 @@ class Dispatcher:
         with self.changed:
             state.in_flight -= 1
             self.changed.notify_all()
-
-    def _take_out(self, state: ReplicaState, why: str, key_refused: bool = False) -> None:
-        with self.changed:
-            self._take_out_locked(state, why)
-            state.key_refused = state.key_refused or key_refused
 
     def _take_out_locked(self, state: ReplicaState, why: str) -> None:
         """Send nothing more there (files waiting to retry go elsewhere); the probe brings it back."""
@@ -260,7 +263,7 @@ class Dispatcher:
                     why = f"probe failed: {type(e).__name__}: {e}"
                 with self.changed:
                     if why is None and not self.abort.is_set():
-                        state.healthy, state.server_errors, state.key_refused = True, 0, False
+                        state.healthy, state.failures, state.key_refused = True, 0, False
                         self.changed.notify_all()
                     elif why is not None:
                         state.why = " ".join(why.split())  # what keeps it out now

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,11 @@ from urllib.parse import urlsplit
 import yaml
 
 from core.errors import UserError
-from core.torchserve import DEFAULT_INFERENCE_URL, Keys, TorchServe, find_key_file, management_url_for
+from core.http import management_url_for
+from core.keys import Keys, find_key_file
+from core.torchserve import DEFAULT_INFERENCE_URL, TorchServe
 
 CREDENTIALS = ("key_file", "token_file", "management_token_file")
-ENTRY_KEYS = {"name", "inference_url", "management_url", *CREDENTIALS}
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -74,43 +73,91 @@ def _url(value: object, where: str, key: str) -> str:
     return value.strip().rstrip("/")
 
 
+def _path_rule(description: str) -> dict:
+    return {"anyOf": [{"type": "null"}, {"type": "string", "pattern": r"\S"}], "description": description}
+
+
+# The shape of a fleet file as a JSON Schema (jsonschema checks it); each key's rule in words, for the
+# one-line error. What a schema cannot say is checked after it: each URL (_url), a management port
+# left for the default, key_file beside token files, the same replica twice.
+ENTRY_SCHEMA = {
+    "type": "object",
+    "required": ["name", "inference_url"],
+    "additionalProperties": False,
+    "properties": {
+        # \Z, not $: Python's re (jsonschema's) lets $ match before a final newline
+        "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z",
+                 "description": "letters, digits, '.', '_' or '-' (at most 63)"},
+        "inference_url": {"type": "string", "description": "a URL such as http://HOST:PORT"},
+        "management_url": {"type": ["string", "null"], "description": "a URL such as http://HOST:PORT"},
+        **{key: _path_rule("a path") for key in CREDENTIALS},
+    },
+}
+FLEET_SCHEMA = {"type": "object", "required": ["replicas"],
+                "properties": {"replicas": {"type": "array", "minItems": 1, "items": ENTRY_SCHEMA}}}
+ENTRY_KEYS = set(ENTRY_SCHEMA["properties"])
+
+
+def _schema_error(data: object, source: str) -> str | None:
+    """The first way `data` breaks FLEET_SCHEMA (by entry, then key, as listed), in words; None: it fits."""
+    import jsonschema  # ~0.1 s: only commands given a fleet file pay for it
+
+    error = min(jsonschema.Draft202012Validator(FLEET_SCHEMA).iter_errors(data), key=_rank, default=None)
+    if error is None:
+        return None
+    path = list(error.absolute_path)
+    if len(path) < 2:  # the file itself, or its replicas list
+        if error.validator == "minItems":
+            return f"{source}: 'replicas' is empty: a fleet needs at least one replica"
+        return (f"{source}: expected a mapping with a list 'replicas:' of entries "
+                f"(name, inference_url, management_url, key_file)")
+    index = path[1]
+    entry = data["replicas"][index]
+    where = f"{source}: replicas[{index}]"
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):  # repr: a bad name stays on the line
+        where = f"{source}: replica {entry['name']!r} (replicas[{index}])"
+    if len(path) == 2 and error.validator == "type":
+        return f"{where}: expected a mapping, got {type(entry).__name__}"
+    if len(path) == 2 and error.validator == "additionalProperties":
+        unknown = sorted(set(map(str, entry)) - ENTRY_KEYS)
+        return f"{where}: unknown key(s) {unknown}; known: {sorted(ENTRY_KEYS)}"
+    key = path[2] if len(path) > 2 else _missing(error)[0]
+    return f"{where}: {key} must be {ENTRY_SCHEMA['properties'][key]['description']}, got {entry.get(key)!r}"
+
+
+def _rank(error) -> tuple:
+    """The file's own errors first, then by entry; in an entry its shape, then its keys as listed."""
+    path = list(error.absolute_path)
+    key = path[2] if len(path) > 2 else next(iter(_missing(error)), None)
+    return path[1:2], list(ENTRY_SCHEMA["properties"]).index(key) if key in ENTRY_KEYS else -1
+
+
+def _missing(error) -> list[str]:
+    """The keys a `required` error found missing."""
+    if error.validator != "required" or not isinstance(error.instance, dict):
+        return []
+    return [key for key in error.validator_value if key not in error.instance]
+
+
 def parse_fleet(data: object, source: str, base: Path) -> list[Replica]:
     """Replicas from a parsed fleet file; `source` names the file in errors, `base` anchors key files."""
-    if not isinstance(data, dict) or not isinstance(data.get("replicas"), list):
-        raise UserError(f"{source}: expected a mapping with a list 'replicas:' of entries "
-                        f"(name, inference_url, management_url, key_file)")
-    if not data["replicas"]:
-        raise UserError(f"{source}: 'replicas' is empty: a fleet needs at least one replica")
+    problem = _schema_error(data, source)
+    if problem:
+        raise UserError(problem)
     replicas: list[Replica] = []
     for index, entry in enumerate(data["replicas"]):
-        where = f"{source}: replicas[{index}]"
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a mapping, got {type(entry).__name__}")
-        name = entry.get("name")
-        if isinstance(name, str):
-            where = f"{source}: replica '{name}' (replicas[{index}])"
-        unknown = sorted(set(map(str, entry)) - ENTRY_KEYS)
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {unknown}; known: {sorted(ENTRY_KEYS)}")
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise UserError(f"{where}: name must be letters, digits, '.', '_' or '-' (at most 63), "
-                            f"got {name!r}")
-        inference = _url(entry.get("inference_url"), where, "inference_url")
+        where = f"{source}: replica '{entry['name']}' (replicas[{index}])"
+        inference = _url(entry["inference_url"], where, "inference_url")
         if not entry.get("management_url") and (urlsplit(inference).port or 80) == 65535:
             raise UserError(f"{where}: inference_url {inference} leaves no port for the management URL; "
                             f"give management_url")
         management = (_url(entry["management_url"], where, "management_url") if entry.get("management_url")
                       else management_url_for(inference))
-        files = {}
-        for key in CREDENTIALS:
-            value = entry.get(key)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise UserError(f"{where}: {key} must be a path, got {value!r}")
-            files[key] = (base / Path(value).expanduser()) if value else None
+        files = {key: base / Path(entry[key]).expanduser() if entry.get(key) else None for key in CREDENTIALS}
         if files["key_file"] and (files["token_file"] or files["management_token_file"]):
             raise UserError(f"{where}: name key_file (TorchServe's own keys) or token_file / "
                             f"management_token_file (the front proxy's tokens), not both")
-        replicas.append(Replica(name, inference, management, **files))
+        replicas.append(Replica(entry["name"], inference, management, **files))
     for kind in ("name", "inference_url", "management_url"):
         seen: dict[str, int] = {}
         for index, replica in enumerate(replicas):

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.torchserve import REPO_ROOT, Keys, TorchServe
+from core.keys import REPO_ROOT, Keys
+from core.torchserve import TorchServe
 
 SERVE = REPO_ROOT / "scripts" / "serve.sh"
 

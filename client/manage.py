@@ -23,7 +23,8 @@ from client.fleet import replicas_from_args
 from client.rollout import rollout
 from client.versions import Member, locate_mar, register, snapshots, unregister, version_skew
 from core.errors import Refused, ServerUnavailable, UserError, command
-from core.torchserve import REPO_ROOT, TorchServe, add_server_flags, format_version
+from core.keys import REPO_ROOT
+from core.torchserve import TorchServe, add_server_flags, format_version
 
 DEFAULT_STORE = Path(os.environ.get("MODEL_STORE") or REPO_ROOT / "model_store")  # as serve.sh
 DEFAULT_LOG_DIR = Path(os.environ.get("TS_LOG_DIR") or REPO_ROOT / "logs")  # as serve.sh

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from core.errors import Refused, ServerUnavailable, UserError
+from core.errors import UserError
 from core.torchserve import TorchServe
 from handler import pixel_payload, preprocessing
 
@@ -69,13 +69,9 @@ class PixelSettings:
         return cls(cfg, limits["max_pixels"], limits["max_decoded_bytes"], payload["content_type"])
 
 
-def fetch_settings(server: TorchServe, model: str, version: str | None) -> PixelSettings | None:
-    """The served version's settings (describe with customized=true); None when its handler has none."""
-    path = f"/models/{model}" + (f"/{version}" if version else "")
-    body = server.call("GET", path, f"describe {model} {version or ''}".strip(), ok_404=True,
-                       customized="true")
-    entry = body[0] if isinstance(body, list) and body else {}
-    metadata = entry.get("customizedMetadata") if isinstance(entry, dict) else None
+def settings_of(entry: dict, model: str) -> PixelSettings | None:
+    """A describe entry's settings (its customizedMetadata); None when its handler has none."""
+    metadata = entry.get("customizedMetadata")
     if not metadata:
         return None
     try:
@@ -83,6 +79,15 @@ def fetch_settings(server: TorchServe, model: str, version: str | None) -> Pixel
     except (ValueError, TypeError, KeyError) as e:  # another handler's description, or an older one's
         logger.debug("model %s describes no pixel settings: %s", model, e)
         return None
+
+
+def fetch_settings(server: TorchServe, model: str, version: str | None) -> PixelSettings | None:
+    """The served version's settings (describe with customized=true); None when its handler has none."""
+    body = server.describe(model, version, customized="true")
+    return settings_of(body[0], model) if body else None
+
+
+NO_SETTINGS = "its handler does not expose its preprocessing settings (describe with customized=true)"
 
 
 class ClientPreprocessor:
@@ -112,17 +117,13 @@ class ClientPreprocessor:
         return pixel_payload.encode(pixels), s.content_type
 
 
-def choose(mode: str, server: TorchServe, model: str, version: str | None) -> tuple[str, Prepare]:
-    """Resolve --preprocess to the mode used and its prepare hook; UserError when client mode cannot be."""
+def choose(mode: str, model: str, settings: PixelSettings | None, why: str = NO_SETTINGS) -> tuple[str, Prepare]:
+    """Resolve --preprocess to the mode used and its prepare hook, from the served model's `settings`
+    (None: `why` there are none); UserError when client mode cannot be."""
     if mode not in MODES:
         raise UserError(f"--preprocess must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "server":
         return "server", send_file
-    try:
-        settings = fetch_settings(server, model, version)
-        why = "its handler does not expose its preprocessing settings (describe with customized=true)"
-    except (Refused, ServerUnavailable) as e:
-        settings, why = None, f"its settings could not be read ({e})"
     if settings is None:
         if mode == "client":
             raise UserError(f"--preprocess client: model '{model}' cannot be preprocessed here: {why}; "

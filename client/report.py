@@ -29,7 +29,7 @@ import jinja2
 
 from client.summary import Results, Tally, is_ok, read_run, reason_of
 from core.errors import UserError, command
-from core.files import DEFAULT_MAX_BYTES, NotSent, read_image, save_atomic
+from core.files import DEFAULT_MAX_BYTES, NotSent, read_image, save_atomic, write_error
 from handler.preprocessing import BadImage, open_image
 
 DEFAULT_LEAST_CONFIDENT = 48
@@ -186,7 +186,7 @@ def make_report(paths: list[Path], output: Path, *, root: Path | None = None,
     try:
         save_atomic(lambda f: f.write(html), output)
     except OSError as e:
-        raise UserError(f"cannot write {output}: {e.strerror or e}") from None
+        raise write_error(output, e) from None
     return summary
 
 

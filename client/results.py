@@ -6,16 +6,18 @@ folders, the accuracy, per-class precision/recall and a confusion-matrix PNG com
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
-import socket
 import statistics
 from array import array
 from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
-from core.errors import UserError
-from core.files import true_label_of
+from core.errors import NoSpace, UserError
+from core.files import atomic_path, save_atomic, true_label_of, write_error
 from core.rows import read_rows
 
 # replica: the fleet entry's name that answered, or HOST:PORT of a single --url
@@ -38,33 +40,58 @@ def error_row(row: dict, message: str, http_status: int | None) -> dict:
 
 
 class RowWriter:
-    """Appends rows to JSONL or CSV, one flush per row."""
+    """Appends rows to JSONL or CSV, each written to the operating system as it comes, whole or not at
+    all: a write that fails (a full disk) is cut back off the file, so that every row before it stays
+    readable and --resume redoes the rest; the failure is NoSpace (exit 3) or UserError naming the file."""
 
     def __init__(self, path: Path, fields: tuple[str, ...], append: bool, as_csv: bool | None = None):
-        self.fields = fields
+        self.path, self.fields = path, fields
         self.csv = path.suffix.lower() == ".csv" if as_csv is None else as_csv
         exists = append and path.exists() and path.stat().st_size > 0
-        # surrogateescape: a file name that is not valid UTF-8 is written back byte for byte
-        try:
-            self.file = open(path, "a" if append else "w", encoding="utf-8", newline="",
-                             errors="surrogateescape")
+        try:  # unbuffered: nothing is left in a buffer to fail again at close
+            self.file = open(path, "ab" if append else "wb", buffering=0)
+            self.size = os.fstat(self.file.fileno()).st_size  # bytes of whole rows
         except OSError as e:
-            raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+            raise write_error(path, e) from None
         if self.csv:
-            self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+            self.text = io.StringIO(newline="")
+            self.writer = csv.DictWriter(self.text, fieldnames=fields, extrasaction="ignore")
             if not exists:
                 self.writer.writeheader()
+                self._emit(self._take())
 
     def write(self, row: dict) -> None:
-        """Write one row and flush it to the operating system."""
+        """Write one row to the operating system (no buffer of ours), or raise with the file as it was."""
         row = {f: row.get(f) for f in self.fields}
         if self.csv:
             if row.get("topk") is not None:
                 row["topk"] = json.dumps(row["topk"], ensure_ascii=False)
             self.writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+            self._emit(self._take())
         else:
-            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.file.flush()
+            self._emit(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def _take(self) -> str:
+        text = self.text.getvalue()
+        self.text.seek(0)
+        self.text.truncate()
+        return text
+
+    def _emit(self, text: str) -> None:
+        # surrogateescape: a file name that is not valid UTF-8 is written back byte for byte
+        data = text.encode("utf-8", "surrogateescape")
+        fd, rest = self.file.fileno(), memoryview(data)
+        try:
+            while rest:  # the system call itself: a nearly full disk takes part of a row, then none
+                rest = rest[os.write(fd, rest):]
+        except OSError as e:
+            try:  # the part that got in is cut off: the file ends on a whole row again
+                os.ftruncate(fd, self.size)
+                os.lseek(fd, self.size, os.SEEK_SET)
+            except OSError:
+                pass  # not a regular file (/dev/full, a pipe): nothing to cut
+            raise write_error(self.path, e) from None
+        self.size += len(data)
 
     def close(self) -> None:
         """Close the file."""
@@ -81,33 +108,33 @@ def keep_finished_rows(path: Path, fields: tuple[str, ...], stats: "Stats", mode
     done: set[str] = set()
     if not path.exists():
         return done
-    # a name of this process's own: two pods resuming one output never write one temporary file
-    partial = path.with_name(f".{path.name}.resume-{socket.gethostname()}-{os.getpid()}.tmp")
-    writer = RowWriter(partial, fields, append=False, as_csv=path.suffix.lower() == ".csv")
+    # the previous file stays whole until the kept rows are written (a temporary name of this process's own)
     try:
-        for line, row in read_rows(path):
-            if row.get("status") != "ok" or row["path"] in done:
-                continue
-            if model is not None and row.get("model") not in (None, model):
-                raise UserError(f"{path}:{line}: a row of model {row.get('model')!r}, and this run uses "
-                                f"{model!r}: give the run its own --output")
-            if version is not None and row.get("model_version") not in (None, "", version):
-                raise UserError(f"{path}:{line}: a row of {model} version {row.get('model_version')}, and this "
-                                f"run's version is {version}: give the run its own --output, or pass "
-                                f"--allow-mixed-versions to keep both")
-            done.add(row["path"])
-            if isinstance(row.get("topk"), str):  # CSV: back to a list
-                row["topk"] = json.loads(row["topk"]) if row["topk"] else None
-            if "true_label" in fields and not row.get("true_label"):
-                row["true_label"] = true_label_of(row["path"])
-            writer.write(row)
-            stats.add(row, None, resumed=True)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(partial, path)
+        with atomic_path(path) as partial:
+            writer = RowWriter(partial, fields, append=False, as_csv=path.suffix.lower() == ".csv")
+            try:
+                for line, row in read_rows(path):
+                    if row.get("status") != "ok" or row["path"] in done:
+                        continue
+                    if model is not None and row.get("model") not in (None, model):
+                        raise UserError(f"{path}:{line}: a row of model {row.get('model')!r}, and this run "
+                                        f"uses {model!r}: give the run its own --output")
+                    if version is not None and row.get("model_version") not in (None, "", version):
+                        raise UserError(f"{path}:{line}: a row of {model} version "
+                                        f"{row.get('model_version')}, and this run's version is {version}: give "
+                                        f"the run its own --output, or pass --allow-mixed-versions to keep both")
+                    done.add(row["path"])
+                    if isinstance(row.get("topk"), str):  # CSV: back to a list
+                        row["topk"] = json.loads(row["topk"]) if row["topk"] else None
+                    if "true_label" in fields and not row.get("true_label"):
+                        row["true_label"] = true_label_of(row["path"])
+                    writer.write(row)
+                    stats.add(row, None, resumed=True)
+            finally:
+                writer.close()
+    except NoSpace as e:  # the temporary copy is gone (atomic_path): name the output, not it
+        raise NoSpace(f"--resume: cannot rewrite {path} with its finished rows: {str(e).rsplit(': ', 1)[-1]} "
+                      f"({path} is left as it was)") from None
     return done
 
 
@@ -157,53 +184,78 @@ def percentile(values, q: float) -> float:
     return cuts[min(98, max(0, round(q) - 1))]
 
 
+def class_metrics(pairs: Counter, failed_labelled: int, labels: Iterable[str] = ()) -> dict | None:
+    """Accuracy and per-class precision/recall (sklearn.metrics) of (true, predicted) counts, for the
+    classes of the pairs and `labels` (a class folder whose every file failed); None without true labels.
+
+    The summary's `accuracy` field (client/summary.py) and classify_dir's printed table alike."""
+    if not pairs and not failed_labelled:
+        return None
+    classified = sum(pairs.values())
+    correct = sum(n for (true, predicted), n in pairs.items() if true == predicted)
+    labels = sorted({*labels, *(label for pair in pairs for label in pair)})
+    metrics = {"accuracy": round(correct / classified, 6) if classified else None, "correct": correct,
+               "classified": classified, "failed_labelled": failed_labelled,
+               "classes": {label: {"precision": None, "recall": None, "support": 0} for label in labels},
+               "confusion": [[t, p, n] for (t, p), n in pairs.most_common()]}
+    if classified:
+        # scikit-learn loads in ~1.5 s: only runs with class folders pay for it
+        import numpy as np
+        from sklearn.metrics import precision_recall_fscore_support
+
+        true, predicted = zip(*pairs, strict=True)
+        precision, recall, _, support = precision_recall_fscore_support(
+            true, predicted, labels=labels, sample_weight=list(pairs.values()), zero_division=np.nan)
+        metrics["classes"] = {label: {"precision": _finite(p), "recall": _finite(r), "support": int(n)}
+                              for label, p, r, n in zip(labels, precision, recall, support, strict=True)}
+    return metrics
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else round(float(value), 6)
+
+
 def report_class_metrics(stats: Stats, png: Path) -> str:
     """Print accuracy, error rate, per-class precision/recall; write the confusion matrix PNG."""
-    classified = sum(stats.confusion.values())
-    correct = sum(n for (t, p), n in stats.confusion.items() if t == p)
-    labelled = sum(stats.true_counts.values())
-    labels = sorted({t for t, _ in stats.confusion} | {p for _, p in stats.confusion}
-                    | set(stats.true_counts))
-    lines = [f"accuracy {correct / max(1, classified):.4f}, error rate {1 - correct / max(1, classified):.4f} "
+    metrics = class_metrics(stats.confusion, stats.errors_with_label, stats.true_counts)
+    if metrics is None:
+        return "accuracy: no file under a class folder"
+    classified, correct = metrics["classified"], metrics["correct"]
+    accuracy = metrics["accuracy"] or 0.0
+    lines = [f"accuracy {accuracy:.4f}, error rate {1 - accuracy:.4f} "
              f"({correct}/{classified} classified files right); "
-             f"{stats.errors_with_label}/{labelled} files failed and are not counted",
+             f"{metrics['failed_labelled']}/{sum(stats.true_counts.values())} files failed and are not counted",
              f"{'class':<24} {'precision':>9} {'recall':>9} {'support':>8}"]
-    for label in labels:
-        tp = stats.confusion[(label, label)]
-        predicted = sum(n for (_, p), n in stats.confusion.items() if p == label)
-        actual = sum(n for (t, _), n in stats.confusion.items() if t == label)
-        precision = f"{tp / predicted:.4f}" if predicted else "-"
-        recall = f"{tp / actual:.4f}" if actual else "-"
-        lines.append(f"{label[:24]:<24} {precision:>9} {recall:>9} {actual:>8}")
-    if labels:
-        plot_confusion(labels, stats.confusion, png)
+    for label, numbers in metrics["classes"].items():
+        precision, recall = (f"{numbers[k]:.4f}" if numbers[k] is not None else "-" for k in ("precision", "recall"))
+        lines.append(f"{label[:24]:<24} {precision:>9} {recall:>9} {numbers['support']:>8}")
+    if classified:
+        plot_confusion(stats.confusion, list(metrics["classes"]), png)
         lines.append(f"confusion matrix: {png}")
     return "\n".join(lines)
 
 
-def plot_confusion(labels: list[str], confusion: Counter, png: Path) -> None:
-    """Rows: true class, columns: predicted class; counts written in the cells when few."""
+def plot_confusion(pairs: Counter, labels: list[str], png: Path) -> None:
+    """Rows: true class, columns: predicted class (sklearn's ConfusionMatrixDisplay); counts written
+    in the cells when few."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-    index = {label: i for i, label in enumerate(labels)}
-    grid = [[0] * len(labels) for _ in labels]
-    for (true, pred), n in confusion.items():
-        grid[index[true]][index[pred]] = n
+    true, predicted = zip(*pairs, strict=True)
+    grid = confusion_matrix(true, predicted, labels=labels, sample_weight=list(pairs.values()))
     size = min(20.0, 2.5 + 0.45 * len(labels))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(grid, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
+    ConfusionMatrixDisplay(grid, display_labels=labels).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation="vertical", include_values=len(labels) <= 30)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (class folder)")
-    if len(labels) <= 30:
-        peak = max(max(r) for r in grid) or 1
-        for i, r in enumerate(grid):
-            for j, n in enumerate(r):
-                ax.text(j, i, n, ha="center", va="center", color="white" if n > peak / 2 else "black")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:  # whole or not at all, as the rows: a full disk is NoSpace (exit 3) naming the file
+        save_atomic(lambda f: fig.savefig(f, dpi=100, format="png"), png)
+    except OSError as e:
+        raise write_error(png, e) from None
+    finally:
+        plt.close(fig)

@@ -3,11 +3,20 @@ smoke-test the new version on every replica before any default changes, then swi
 by replica, then retire the old version on every replica (the drains run side by side). A failure before
 the last switch switches back the replicas already switched (retried until --rollback-deadline, each
 read back) and removes the new version everywhere; what each replica ends on is read and printed.
+
+Ctrl-C too ends on a state read back and printed as it is. Before the last switch it rolls back like
+a failure, once the change in flight has been answered: TorchServe carries out a request whose client
+has gone (a registration abandoned mid-way appears after a rollback that looked too early). After
+the switch it stops the drains before any further request: the old version stays registered where
+it was not yet removed, and the rollout says where.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +36,8 @@ from client.versions import (
 )
 from core.errors import Refused, RolledBack, ServerUnavailable, UserError
 from core.files import IMAGE_EXTENSIONS, iter_files, true_label_of
-from core.torchserve import TorchServe, server_message
+from core.http import server_message
+from core.torchserve import TorchServe
 
 
 def list_smoke_images(directory: str, min_accuracy: float | None) -> list[tuple[bytes, str, str | None]]:
@@ -191,6 +201,66 @@ def roll_back(members: list[Member], name: str, version: str, old: str | None,
                    f"check with manage.py list")
 
 
+class InFlight:
+    """A change sent to one replica (register, set-default) on a thread of its own, so that Ctrl-C
+    interrupts only the wait for its answer, never the request: the rollback then waits for that
+    answer (TorchServe finishes what it was asked, whether or not its client is still there)."""
+
+    def __init__(self, what: str, server: TorchServe, change: Callable[[], object]):
+        self.what, self.timeout = what, float(getattr(server, "timeout", 60.0))  # the client's bound
+        self.done, self.error = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, args=(change,), name=f"rollout: {what}", daemon=True)
+
+    def start(self) -> None:
+        """Send it (apart from the constructor: the caller holds it before anything is sent)."""
+        self.thread.start()
+
+    def _run(self, change: Callable[[], object]) -> None:
+        try:
+            change()
+        except BaseException as e:  # noqa: BLE001 - raised again in the waiting thread
+            self.error = e
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        """Until the server has answered; the change's error is raised here."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def settle(self) -> bool:
+        """After an interrupt: wait (at most the client's --timeout for one more answer) until the
+        server has answered; False if it has not (a second Ctrl-C stops the wait too)."""
+        if self.done.is_set() or not self.thread.is_alive():  # answered, or never sent
+            return True
+        say(f"rollout: waiting up to {self.timeout:g}s for the answer to {self.what} (the server carries "
+            f"it out all the same)")
+        try:
+            return self.done.wait(self.timeout)
+        except KeyboardInterrupt:
+            return False
+
+
+class Stopped(Refused):
+    """A request of the rollout not sent, because it was interrupted."""
+
+
+def stoppable(server: TorchServe, stop: threading.Event) -> TorchServe:
+    """The same replica, except that every request it is asked to send after `stop` is set fails
+    (Stopped): a drain, which looks at the server every 0.1 s, ends before its unregister."""
+    send = server.call
+    clone = copy.copy(server)
+
+    def call(*args, **kwargs):
+        if stop.is_set():
+            raise Stopped("not sent: the rollout was interrupted")
+        return send(*args, **kwargs)
+
+    clone.call = call  # every API method goes through `call`
+    return clone
+
+
 def check_replicas(members: list[Member], name: str, version: str, new_model: bool, mar: str) -> str | None:
     """The old default, the same on every replica; Refused (nothing changed) when it cannot go ahead."""
     snaps = snapshots(members, [name])
@@ -244,13 +314,16 @@ def rollout(members: list[Member], args: argparse.Namespace) -> str:
                 f"class folders")
             baselines[m.name] = old, smoke_accuracy(images, classify_smoke(m.server, name, old, images))
     replicas = ", ".join(m.name for m in members)
-    step, summaries = "", []
+    step, summaries, change = "", [], None
     try:
         for m in members:  # 1. the new version beside the old one, everywhere
             step = f"{m.name}: register {mar.name} ({name} {version})"
             say(f"rollout: {step} while {name} {old or '(none)'} serves")
+            change = InFlight(step, m.server, lambda m=m: register(
+                m.server, mar, workers[m.name], args.batch_size, args.max_batch_delay, m.log_dir))
+            change.start()
             try:
-                register(m.server, mar, workers[m.name], args.batch_size, args.max_batch_delay, m.log_dir)
+                change.wait()
             except Refused as e:  # TorchServe's words for a missing or cut-short copy in its store
                 if "Failed to save model" in str(e) or "Model not found" in str(e):
                     raise Refused(f"{e} ({m.name}'s model store must hold a complete copy of "
@@ -263,11 +336,21 @@ def rollout(members: list[Member], args: argparse.Namespace) -> str:
                 say(f"rollout: {m.name}: {summaries[-1]}")
         for m in members:  # 2. every replica passed: switch them one by one
             step = f"{m.name}: set-default {name} {version}"
-            m.server.call("PUT", f"/models/{name}/{version}/set-default", f"set-default {name} {version}")
+            change = InFlight(step, m.server, lambda m=m: m.server.call(
+                "PUT", f"/models/{name}/{version}/set-default", f"set-default {name} {version}"))
+            change.start()
+            change.wait()
             say(f"rollout: {m.name}: {name} {version} is the default")
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - whatever failed, undo, then report it
-        say(f"rollout: failed at {step}; rolling back")
+        interrupted = isinstance(e, KeyboardInterrupt)
+        say(f"rollout: {'interrupted' if interrupted else 'failed'} at {step}; rolling back")
+        # an unanswered change may still land: what is removed and read back must come after it
+        unsettled = change is not None and not change.settle()
         complete, outcome = roll_back(members, name, version, old, args)
+        if unsettled:
+            complete, outcome = False, (f"{outcome}; but {change.what} was not answered within "
+                                        f"{change.timeout:g}s, and the server may still carry it out: "
+                                        f"check with manage.py list")
         if not isinstance(e, API_ERRORS):
             say(f"rollout: after {type(e).__name__}: {outcome}")
             raise
@@ -277,30 +360,67 @@ def rollout(members: list[Member], args: argparse.Namespace) -> str:
         raise RolledBack(f"rollout of {name} {version} failed at {step} and {done}: {reason}; "
                          f"{outcome}") from None
     smoke = f"smoke test passed on every replica ({len(images)} images)" if images else "no smoke set"
-    say(f"rollout: {name} {version} is the default on every replica ({replicas}; {smoke})")
-    if old is None or args.keep_old:
-        report_end_states(members, name)
-        kept = f"; {name} {old} kept" if old else ""
-        return f"rollout: {name} {old or '(none)'} -> {version} on {replicas_(members)}, {smoke}{kept}"
-    return retire(members, name, old, version, args, smoke)
+    stop = threading.Event()  # Ctrl-C from here on: no request is sent after it
+    try:
+        say(f"rollout: {name} {version} is the default on every replica ({replicas}; {smoke})")
+        if old is None or args.keep_old:
+            report_end_states(members, name)
+            kept = f"; {name} {old} kept" if old else ""
+            return f"rollout: {name} {old or '(none)'} -> {version} on {replicas_(members)}, {smoke}{kept}"
+        return retire(members, name, old, version, args, smoke, stop)
+    except KeyboardInterrupt:
+        stop.set()
+        states = report_end_states(members, name)
+        left = left_after_switch(members, states, name, old, version)
+        say(f"rollout: interrupted after the switch: {left}")
+        raise
+
+
+def left_after_switch(members: list[Member], states: dict, name: str, old: str | None, version: str) -> str:
+    """What an interrupt after the switch leaves, from the states read back (report_end_states)."""
+    def where(replicas: list[str]) -> str:
+        return "every replica" if len(replicas) == len(members) > 1 else ", ".join(replicas)
+
+    unread = [r for r, state in states.items() if state is None]
+    on_new = [r for r, state in states.items() if state and state[0] == version]
+    parts = [f"{name} {version} is the default on {where(on_new)}"] if on_new else []
+    parts += [f"{r}: {name} {state[0]} is the default" for r, state in states.items()
+              if state and state[0] != version]
+    if old:
+        kept = [r for r, state in states.items() if state and old in state[1]]
+        gone = [r for r, state in states.items() if state and old not in state[1]]
+        if kept:
+            parts.append(f"{name} {old} is still registered on {where(kept)}: nothing was unregistered after "
+                         f"the interrupt (manage.py unregister {name} {old} removes it)")
+        if gone:
+            parts.append(f"{name} {old} was unregistered on {where(gone)} before the interrupt")
+    if unread:
+        parts.append(f"{', '.join(unread)} could not be read: check with manage.py list")
+    return "; ".join(parts)
 
 
 def retire(members: list[Member], name: str, old: str, version: str, args: argparse.Namespace,
-           smoke: str) -> str:
-    """Drain and unregister the old version on every replica at once (each drain is only a wait)."""
+           smoke: str, stop: threading.Event) -> str:
+    """Drain and unregister the old version on every replica at once (each drain is only a wait); once
+    `stop` is set (Ctrl-C) no drain sends another request, so none unregisters after it."""
     say(f"rollout: draining and unregistering {name} {old} on every replica")
 
     def one(m: Member) -> str | None:
         try:
-            unregister(m.server, name, old, args.drain_seconds, args.drain_timeout, m.log_dir,
-                       label=f"{m.name}: ")
+            unregister(stoppable(m.server, stop), name, old, args.drain_seconds, args.drain_timeout,
+                       m.log_dir, label=f"{m.name}: ")
             say(f"rollout: {m.name}: {name} {old} unregistered")
             return None
         except API_ERRORS as e:
             return f"{m.name}: {e}"
 
     with ThreadPoolExecutor(len(members)) as pool:
-        failures = [f for f in pool.map(one, members) if f]
+        try:
+            futures = [pool.submit(one, m) for m in members]
+            failures = [f for f in (future.result() for future in futures) if f]
+        except KeyboardInterrupt:
+            stop.set()  # before the pool's exit waits for the drains: each ends at its next request
+            raise
     report_end_states(members, name)
     if failures:  # the new version serves everywhere; only the old one lingers where its drain failed
         raise Refused(f"rollout: {name} {version} is the default and serving on every replica, but "

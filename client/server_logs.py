@@ -48,17 +48,28 @@ class LogTail:
 
 
 EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception|Exit|Interrupt)\b(?::.*)?$")
+# TorchServe's own words for a failed load, raised after it logged the load's real exception
+# (ts/model_service_worker.py: `raise RuntimeError("{code} - {result}")`). It says "507 - System
+# out of memory" for any RuntimeError that mentions CUDA (fp16 refused on a CPU, say) and
+# "500 - Unknown exception" for the others: the line before it is the cause.
+WORKER_WRAPPER = re.compile(r"^RuntimeError: \d{3} - ")
 
 
 def worker_failure(log: LogTail, name: str, version: str) -> str | None:
-    """The last exception line the workers of NAME VERSION wrote to model_log.log since `log`'s offset."""
+    """The exception that made a worker of NAME VERSION fail, from model_log.log since `log`'s offset:
+    the last one, unless it is TorchServe's wrapper of a failed load, whose cause came just before."""
     thread = re.compile(worker_thread(name, version) + r"-std(?:out|err) MODEL_LOG - (.*)$")
-    reason = None
+    reason = cause = None  # cause: the last exception line since the last wrapper
     for line in log.new_lines():
         match = thread.search(line.rstrip("\n"))
-        if match and EXCEPTION_LINE.match(match.group(2).strip()):
-            reason = match.group(2).strip()
-    return reason
+        text = match.group(2).strip() if match else ""
+        if not EXCEPTION_LINE.match(text):
+            continue
+        if WORKER_WRAPPER.match(text):
+            reason, cause = cause or text, None
+        else:
+            cause = text
+    return cause or reason
 
 
 SERVER_START = "Torchserve version:"  # the frontend's line at each start

@@ -16,7 +16,8 @@ stopped by an unusable fleet), atomically. Its fields (counts are rows, latencie
   accuracy           null unless the rows carry true_label (--class-folders): {"accuracy",
                      "correct", "classified", "failed_labelled" (error rows, not counted),
                      "classes": {label: {"precision", "recall", "support"}} (null where undefined:
-                     a class never predicted, or never true), "confusion": [[true, predicted, n]]
+                     a class never predicted, or never true; a class folder whose every file failed
+                     is listed, support 0), "confusion": [[true, predicted, n]]
                      (the non-zero cells, largest first)}
   run                classify_dir's own (null elsewhere): {"elapsed_s", "images_per_s" (this run's
                      files, not resumed ones), "resumed", "preprocess", "stopped" (why the run
@@ -32,9 +33,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from client.results import percentile
+from client.results import class_metrics, percentile
 from core.errors import UserError
-from core.files import save_atomic
+from core.files import save_atomic, write_error
 from core.rows import read_rows, typed_row
 
 LATENCY_PERCENTILES = (50, 90, 95, 99)
@@ -141,6 +142,7 @@ class Tally:
         self.labels: Counter[str] = Counter()
         self.pairs: Counter[tuple[str, str]] = Counter()  # (true, predicted) of classified labelled rows
         self.failed_labelled = 0
+        self.true_labels: set[str] = set()  # a class folder whose every file failed is a class too
 
     def add(self, row: dict) -> None:
         """Account for one cleaned row."""
@@ -160,6 +162,7 @@ class Tally:
         if ok:
             self.labels[row["label"]] += 1
         if row["true_label"] is not None:
+            self.true_labels.add(row["true_label"])
             if ok:
                 self.pairs[(row["true_label"], row["label"])] += 1
             else:
@@ -175,38 +178,11 @@ class Tally:
                              for name, r in sorted(self.replicas.items(), key=lambda kv: str(kv[0])) if name},
                 "models": _named(self.models), "versions": _named(self.versions),
                 "labels": dict(self.labels.most_common()),
-                "accuracy": class_metrics(self.pairs, self.failed_labelled), "run": None}
+                "accuracy": class_metrics(self.pairs, self.failed_labelled, self.true_labels), "run": None}
 
 
 def _named(counts: Counter) -> dict:
     return dict(sorted((name, n) for name, n in counts.items() if name is not None))
-
-
-def class_metrics(pairs: Counter, failed_labelled: int) -> dict | None:
-    """Accuracy and per-class precision/recall of (true, predicted) counts; None without true labels."""
-    if not pairs and not failed_labelled:
-        return None
-    classified = sum(pairs.values())
-    correct = sum(n for (true, predicted), n in pairs.items() if true == predicted)
-    metrics = {"accuracy": round(correct / classified, 6) if classified else None, "correct": correct,
-               "classified": classified, "failed_labelled": failed_labelled, "classes": {},
-               "confusion": [[t, p, n] for (t, p), n in pairs.most_common()]}
-    if classified:
-        # scikit-learn loads in ~1.5 s: only runs with class folders pay for it
-        import numpy as np
-        from sklearn.metrics import precision_recall_fscore_support
-
-        labels = sorted({label for pair in pairs for label in pair})
-        true, predicted = zip(*pairs, strict=True)
-        precision, recall, _, support = precision_recall_fscore_support(
-            true, predicted, labels=labels, sample_weight=list(pairs.values()), zero_division=np.nan)
-        metrics["classes"] = {label: {"precision": _finite(p), "recall": _finite(r), "support": int(n)}
-                              for label, p, r, n in zip(labels, precision, recall, support, strict=True)}
-    return metrics
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else round(float(value), 6)
 
 
 def summary_of(results: Results) -> dict:
@@ -223,7 +199,7 @@ def write_summary(summary: dict, path: Path) -> None:
     try:
         save_atomic(lambda f: f.write(text.encode("ascii")), path)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise write_error(path, e) from None
 
 
 RUN_FIELDS = ("elapsed_s", "images_per_s", "resumed", "preprocess", "stopped")

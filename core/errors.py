@@ -28,6 +28,18 @@ class ServerUnavailable(ProjectError):
     """The server cannot be used now (unreachable, no worker, every replica out): exit code 3."""
 
 
+class BadAnswer(ServerUnavailable):
+    """The server answered something its API never says (a describe that is not a list of versions):
+    that server is unusable, like one that is down, and is taken out with this reason."""
+
+
+class NoSpace(ServerUnavailable):
+    """A write failed for want of space (ENOSPC, or EDQUOT: the disk or the quota is full): exit code 3,
+    the project's "retry later" (a subclass of ServerUnavailable for that code alone: nothing is wrong
+    with the input or the server, and the same command goes on once space is freed, classify_dir's with
+    --resume, every row written before kept whole)."""
+
+
 class KeyRefused(ServerUnavailable):
     """The server refused the key or token we hold and no fresh one could be had: exit code 2."""
 

@@ -1,6 +1,7 @@
 """Image files on disk, for training's lists and the client's runs alike: which extensions are images,
 the one directory walk, reading a file without blocking, the class folder a file sits in; and the one
-atomic write (checkpoints, run summaries).
+atomic write (checkpoints, exported models, run summaries, resumed results), and what a write that
+finds the disk full raises (NoSpace, exit code 3: worth retrying once space is freed).
 
 The walk's link policy, everywhere: a link to a folder is followed, each folder is entered once (by
 device and inode), so a link loop or two links to one folder cannot repeat or hang a walk; a link to
@@ -9,13 +10,16 @@ so that a caller can name each one instead of skipping it silently.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import stat
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
-from core.errors import UserError
+from core.errors import NoSpace, UserError
 
 logger = logging.getLogger("classify_dir")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -126,19 +130,46 @@ def true_label_of(rel: str) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-def save_atomic(save, path: str | Path) -> None:
-    """Call `save(file)` on a temporary file beside `path`, then rename it over `path`.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # the disk is full; the user's quota is full
 
-    A kill or a full disk mid-write leaves the previous file whole: os.replace is atomic
-    on one filesystem, and fsync makes the new bytes durable before the rename.
+
+def write_error(path: str | Path, error: OSError) -> UserError:
+    """The one-line error of a failed write to `path`: NoSpace (exit 3) for a full disk or quota, else
+    UserError (exit 2, as an unwritable output at the start)."""
+    if error.errno in NO_SPACE:
+        where = "in the disk quota" if error.errno == errno.EDQUOT else "on its device"
+        return NoSpace(f"cannot write {path}: no space left {where}")
+    return UserError(f"cannot write {path}: {error.strerror or error}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed over `path` when the block ends without an
+    exception, removed otherwise: for writers that take a path (TorchScript, a row writer).
+
+    A kill or a full disk mid-write leaves the previous file whole: os.replace is atomic on one
+    filesystem, and fsync makes the new bytes durable before the rename. The name is this host's
+    and process's own, so two pods writing one output on a shared volume never share it.
+    A full disk or quota is NoSpace naming `path` (the temporary file is gone): some filesystems say
+    so only at fsync.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            save(f)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise write_error(path, e) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomic(save: Callable[[BinaryIO], object], path: str | Path) -> None:
+    """Call `save(file)` on a binary file at a temporary path beside `path`, then rename it over
+    `path` (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        save(f)

@@ -31,11 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # What each image's commands import (the Dockerfile installs the lock, nothing else).
 IMAGES = {
     # TorchServe, the workers' packages (handler/ imports torch, torchvision, PIL, numpy, yaml,
-    # psutil) and the probe's requests.
-    "server": ["torch", "torchvision", "torchserve", "PyYAML", "pillow", "numpy", "psutil", "requests"],
+    # psutil, jsonschema) and the probe's requests.
+    "server": ["torch", "torchvision", "torchserve", "PyYAML", "pillow", "numpy", "psutil", "jsonschema",
+               "requests"],
     # core/, client/ and handler/preprocessing.py: no torch; matplotlib draws the confusion matrix,
-    # jinja2 and scikit-learn's metrics make the batch report.
-    "client": ["requests", "PyYAML", "numpy", "pillow", "tqdm", "matplotlib", "jinja2", "scikit-learn"],
+    # jinja2 and scikit-learn's metrics make the batch report, jsonschema checks the fleet file.
+    "client": ["requests", "PyYAML", "numpy", "pillow", "tqdm", "matplotlib", "jinja2", "scikit-learn",
+               "jsonschema"],
 }
 
 

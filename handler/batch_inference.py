@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import jsonschema
 import torch
 
 from handler import preprocessing
@@ -29,29 +30,41 @@ class HandlerSettings:
     metrics: bool = True  # send handler/metrics.py's metrics to TorchServe (false: HandlerTime only)
 
 
+# The `handler:` section as a JSON Schema (jsonschema checks it); each setting's rule in words, for the
+# one-line error. Integers are Python ints: JSON Schema's "integer" takes 1.5e9 and 3.0 too.
+SETTINGS_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "topk": {"type": "integer", "minimum": 1, "description": "an integer >= 1"},
+        "max_pixels": {"type": "integer", "minimum": 1, "description": "an integer >= 1"},
+        "max_decoded_bytes": {"type": "integer", "minimum": 1, "description": "an integer >= 1"},
+        "precision": {"enum": list(PRECISIONS), "description": f"one of {PRECISIONS}"},
+        "cpu_threads": {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}],
+                        "description": "'auto' or an integer >= 1"},
+        "metrics": {"type": "boolean", "description": "true or false"},
+    },
+}
+_DRAFT = jsonschema.Draft202012Validator
+_STRICT = jsonschema.validators.extend(
+    _DRAFT, type_checker=_DRAFT.TYPE_CHECKER.redefine("integer", lambda _, value: type(value) is int))
+SETTINGS_VALIDATOR = _STRICT(SETTINGS_SCHEMA)
+
+
 def parse_settings(model_yaml: dict | None) -> HandlerSettings:
     """Read and check the `handler:` section of TorchServe's parsed model-config.yaml."""
-    section = dict((model_yaml or {}).get("handler") or {})
-    unknown = sorted(set(section) - set(HandlerSettings.__dataclass_fields__))
-    if unknown:
+    section = (model_yaml or {}).get("handler") or {}
+    error = jsonschema.exceptions.best_match(SETTINGS_VALIDATOR.iter_errors(section))
+    if error is None:
+        return HandlerSettings(**section)
+    if error.absolute_path:  # absolute: an anyOf's own errors have paths relative to it
+        name = error.absolute_path[0]
+        rule = SETTINGS_SCHEMA["properties"][name]["description"]
+        raise ValueError(f"model-config.yaml handler.{name} must be {rule}, got {section[name]!r}")
+    if error.validator == "additionalProperties":
+        unknown = sorted(map(str, set(section) - set(SETTINGS_SCHEMA["properties"])))
         raise ValueError(f"model-config.yaml handler: unknown setting(s) {unknown}")
-    settings = HandlerSettings(**section)
-    if type(settings.topk) is not int or settings.topk < 1:
-        raise ValueError(f"model-config.yaml handler.topk must be an integer >= 1, got {settings.topk!r}")
-    for name in ("max_pixels", "max_decoded_bytes"):
-        value = getattr(settings, name)
-        if type(value) is not int or value < 1:
-            raise ValueError(f"model-config.yaml handler.{name} must be an integer >= 1, got {value!r}")
-    if settings.precision not in PRECISIONS:
-        raise ValueError(f"model-config.yaml handler.precision must be one of {PRECISIONS}, "
-                         f"got {settings.precision!r}")
-    if type(settings.metrics) is not bool:
-        raise ValueError(f"model-config.yaml handler.metrics must be true or false, got {settings.metrics!r}")
-    threads = settings.cpu_threads
-    if threads != "auto" and (type(threads) is not int or threads < 1):
-        raise ValueError(f"model-config.yaml handler.cpu_threads must be 'auto' or an integer >= 1, "
-                         f"got {threads!r}")
-    return settings
+    raise ValueError(f"model-config.yaml handler: expected a mapping of settings, got {section!r}")
 
 
 def load_model(path: str | os.PathLike, device: torch.device, precision: str = "fp32") -> torch.jit.ScriptModule:

@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+import psutil
 import torch
 
 from handler.aot import PT2_PRECISIONS, file_sha256
@@ -178,7 +179,12 @@ def resolve_package_precision(requested: str, package: dict, reports: dict[str, 
 
 def use_full_fp32() -> None:
     """fp32 means fp32: no TF32 (cuDNN convolutions default to it, TorchServe's base_handler turns
-    it on for matmuls on compute capability 8.0+) and no reduced-precision oneDNN fp32 math."""
+    it on for matmuls on compute capability 8.0+) and no reduced-precision oneDNN fp32 math.
+
+    torch's own code still reads cuDNN's legacy allow_tf32 (torch.export through cudnn.flags), which
+    raises once it disagrees with the per-operator settings: it is cleared first, so both say "no
+    TF32" and an export later in the same process (a test, the agreement gate) still works."""
+    torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     for backend in (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
                     torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv, torch.backends.mkldnn.rnn):
@@ -186,7 +192,10 @@ def use_full_fp32() -> None:
 
 
 def available_cores(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
-    """Cores this process may use: its CPU affinity, capped by the container's cgroup CPU quota."""
+    """Cores this process may use: its CPU affinity, capped by the container's cgroup CPU quota.
+
+    Read by hand: neither the standard library nor psutil (its cpu_affinity is sched_getaffinity
+    again) knows the cgroup quota a container's CPU limit sets."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cgroup_cpu_quota(cgroup_root)
     return max(1, min(cores, math.floor(quota))) if quota else cores
@@ -212,23 +221,21 @@ def cgroup_cpu_quota(root: str | os.PathLike) -> float | None:
     return None
 
 
-def count_running_workers(proc_root: str | os.PathLike = "/proc", parent: int | None = None) -> int:
+def count_running_workers(parent: int | None = None) -> int:
     """TorchServe Python workers now running under this worker's frontend, this one included.
 
     Workers of every model on the server share the cores, and `manage.py scale` or a rollout
     changes their number after the archive was built: count them, don't read maxWorkers.
     """
-    parent = os.getppid() if parent is None else parent
+    try:
+        children = psutil.Process(os.getppid() if parent is None else parent).children()
+    except psutil.Error:  # the frontend is gone (or not ours to read): the caller falls back
+        return 0
     count = 0
-    for entry in Path(proc_root).iterdir():
-        if not entry.name.isdigit():
-            continue
+    for child in children:
         try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-            if ppid == parent and b"model_service_worker" in (entry / "cmdline").read_bytes():
-                count += 1
-        except (OSError, ValueError, IndexError):  # a process that ended while we looked
+            count += any("model_service_worker" in part for part in child.cmdline())
+        except psutil.Error:  # a process that ended while we looked
             continue
     return count
 

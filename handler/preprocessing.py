@@ -25,6 +25,9 @@ DEFAULT_MAX_PIXELS = 50_000_000  # ~50 MP: above any camera photo, below a decom
 # 64 MiB of decoded pixels: a 16 MP RGB PNG (Pillow keeps RGB in 4 bytes a pixel) or a 33 MP
 # 16-bit greyscale one; camera JPEGs decode at a reduced DCT scale (draft) far below it.
 DEFAULT_MAX_DECODED_BYTES = 64 * 2**20
+# A side of the model's input, in pixels: every reader of preprocess.json refuses more (20000x20000
+# made archive.sh's output check allocate 4.8 GB); 4096 is far above any classifier's input.
+MAX_IMAGE_SIZE = 4096
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {
@@ -79,8 +82,9 @@ class PreprocessConfig:
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
-            raise ValueError(f"image_size must be two positive integers [H, W], got {list(self.image_size)}")
+        if len(self.image_size) != 2 or min(self.image_size) < 1 or max(self.image_size) > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be two integers [H, W] from 1 to {MAX_IMAGE_SIZE}, "
+                             f"got {list(self.image_size)}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError("mean and std must have 3 values each, std > 0")
         if self.interpolation not in INTERPOLATIONS:
@@ -90,8 +94,12 @@ class PreprocessConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PreprocessConfig":
+        """preprocess.json; ValueError naming the file when it is not valid JSON or not a valid config."""
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: neither names the file
+                raise ValueError(f"{path}: not a JSON preprocessing config ({e})") from None
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:

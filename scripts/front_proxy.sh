@@ -96,7 +96,7 @@ with PROXY_LISTEN / PROXY_MANAGEMENT_LISTEN" 1
     mkdir -p "$PROXY_DIR"
     check_reachable_by_workers
     sh "$REPO/deploy/nginx/render.sh" >/dev/null  # prints its own one-line error
-    rm -f "$PID_FILE"
+    rm -f "$PID_FILE" "$PROXY_DIR"/*.sock  # the http server's sockets, left by an nginx that was killed
     local out
     if ! out=$("$NGINX" -p "$PROXY_DIR" -e "$PROXY_DIR/logs/error.log" -c "$PROXY_DIR/nginx.conf" 2>&1); then
         local why

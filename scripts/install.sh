@@ -18,9 +18,17 @@ fi
 # nginx: the maintained component in front of TorchServe (docs/security.md). Installed, not
 # started: front_proxy.sh runs its own instance; where an init system runs Debian's default
 # nginx service after the install, `systemctl disable --now nginx` stops it (it serves a static page).
+# Its stream module (libnginx-mod-stream) bounds each client address's connections before a
+# request header is read (deploy/nginx/nginx.conf.template).
 if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
-    echo "install: nginx not found; installing Debian's nginx"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx
+    echo "install: nginx not found; installing Debian's nginx and its stream module"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        nginx libnginx-mod-stream
+elif [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ] \
+        && "$(command -v nginx || echo /usr/sbin/nginx)" -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
+    echo "install: nginx's stream module not found; installing Debian's libnginx-mod-stream"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        libnginx-mod-stream
 fi
 
 # Prometheus (promtool checks deploy/monitoring's rules; the tests start a real Prometheus that

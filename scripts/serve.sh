@@ -172,7 +172,7 @@ choose free ones with TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS
     local timeout=${TS_START_TIMEOUT:-180}
     echo "serve: TorchServe pid $pid starting on 127.0.0.1:$http (management :$mgmt, metrics :$metrics)," \
          "models: ${models[*]:-none}; waiting up to ${timeout}s"
-    if ! "$PY" -m core.torchserve wait --url "http://127.0.0.1:$http" \
+    if ! "$PY" -m core.readiness wait --url "http://127.0.0.1:$http" \
             --management-url "http://127.0.0.1:$mgmt" --key-file "$key_dir/key_file.json" \
             --timeout "$timeout" --pid "$pid" --log "$LOG_DIR/ts_log.log" --log-offset "$ts_log_offset"; then
         echo "error: TorchServe did not become ready (it exited, its workers kept dying at load, or" \
@@ -225,7 +225,7 @@ status() {
     fi
     echo "serve: TorchServe pid $pid: inference $inference_url, management $management_url," \
          "metrics $metrics_url/metrics; key file $key_file; store $store"
-    "$PY" -m core.torchserve status --url "$inference_url" \
+    "$PY" -m core.readiness status --url "$inference_url" \
         --management-url "$management_url" --key-file "$key_file"
 }
 

@@ -126,10 +126,10 @@ def rows_written(output: Path) -> int:
 
 
 @contextmanager
-def popen(args: list[str]) -> Iterator[subprocess.Popen]:
+def popen(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
     """A command running for the block (output captured as text), killed and reaped if the block
-    leaves it running."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    leaves it running; `kwargs` go to subprocess.Popen."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     try:
         yield proc
     finally:

@@ -216,6 +216,7 @@ def test_resume_refuses_rows_of_another_model_version_unless_told(tmp_path):
     out.write_text(json.dumps(ROW) + "\n")
     with pytest.raises(UserError, match=r"out.jsonl:1: a row of m version 1.0, and this run's version is 2.0"):
         results.keep_finished_rows(out, results.FIELDS, results.Stats(), "m", "2.0")
+    assert out.read_text() == json.dumps(ROW) + "\n"  # the refused rewrite left the file whole
     assert results.keep_finished_rows(out, results.FIELDS, results.Stats(), "m", None) == {"a.png"}
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary copy is this process's own, and gone
 

@@ -18,7 +18,8 @@ import pytest
 import requests
 from PIL import Image
 
-from core import torchserve
+from core.http import new_session
+from core.keys import request_with_key
 from handler import preprocessing
 from handler.preprocessing import DEFAULT_MAX_DECODED_BYTES, BadImage, open_image, to_uint8
 from tests.image_zoo import (
@@ -173,7 +174,7 @@ def test_max_pixels_above_pillows_default_is_honoured(pillow_limit):
 # ---- through a real TorchServe ----
 
 def post(server, **kwargs) -> requests.Response:
-    return torchserve.request_with_key(torchserve.new_session(), "POST",
+    return request_with_key(new_session(), "POST",
                                      f"{server.inference_url}/predictions/{server.model}", server.keys(),
                                      "inference", timeout=60, **kwargs)
 

@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from client.local_server import free_ports
-from core import torchserve
+from core.http import new_session
+from core.keys import request_with_key
 from tests.conftest import PYTHON, server_without_models, wait_for, write_images
 from tests.test_manage import MANAGE, clone_mar, default, predict, server_flags, versions
 
@@ -164,10 +165,10 @@ def test_rollout_waits_for_the_batch_a_worker_holds(aserver):
     stop = threading.Event()
 
     def client() -> None:  # keeps one request in flight on the default version
-        session = torchserve.new_session(1)
+        session = new_session(1)
         while not stop.is_set():
             try:
-                response = torchserve.request_with_key(
+                response = request_with_key(
                     session, "POST", f"{srv.inference_url}/predictions/slow", srv.keys(), "inference",
                     data=(srv.base / "red.png").read_bytes(), timeout=4 * SLOW_S + 30)
                 answers.append((response.status_code, response.headers.get("X-Model-Version")))

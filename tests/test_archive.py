@@ -142,6 +142,19 @@ def test_names_every_missing_run_file(tmp_path):
     assert not (tmp_path / "store" / "tiny-1.mar").exists()
 
 
+@pytest.mark.parametrize("image_size", [[20000, 20000], [224, 4097]])
+def test_an_image_size_above_the_bound_is_refused_before_any_tensor(tmp_path, image_size):
+    # 20000x20000 made the output check allocate 4.8 GB; every reader of preprocess.json refuses it
+    run = make_tiny_run(tmp_path / "run")
+    config = json.loads((run / "preprocess.json").read_text())
+    (run / "preprocess.json").write_text(json.dumps({**config, "image_size": image_size}))
+    result = archive("run", "tiny", "1", cwd=tmp_path, store=tmp_path / "store")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (f"run/preprocess.json: image_size must be two integers [H, W] from 1 to 4096, "
+            f"got {image_size}") in result.stderr
+    assert not (tmp_path / "store" / "tiny-1.mar").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "tiny"], "expected RUN_DIR NAME VERSION, got 2 argument(s)"),
     (["run", "tiny", "1", "extra"], "expected RUN_DIR NAME VERSION, got 4 argument(s)"),

@@ -11,6 +11,7 @@ from torch import nn
 
 from handler import batch_inference
 from handler.batch_inference import (
+    SETTINGS_SCHEMA,
     AcceleratorFailure,
     HandlerSettings,
     answer_batch,
@@ -45,12 +46,19 @@ def test_settings_defaults_and_values():
     ({"precision": "tf32"}, "precision must be one of"),
     ({"cpu_threads": 0}, "cpu_threads must be 'auto' or an integer >= 1"),
     ({"cpu_threads": "many"}, "cpu_threads must be 'auto' or an integer >= 1"),
+    ({"cpu_threads": 2.0}, "cpu_threads must be 'auto' or an integer >= 1, got 2.0"),
+    ({"metrics": "yes"}, "metrics must be true or false, got 'yes'"),
     ({"top_k": 3}, "unknown setting(s) ['top_k']"),
+    (["topk"], "handler: expected a mapping of settings, got ['topk']"),
 ])
 def test_bad_settings_are_refused_by_name(section, message):
     with pytest.raises(ValueError) as info:
         parse_settings({"handler": section})
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_settings_schema_names_every_setting():
+    assert set(SETTINGS_SCHEMA["properties"]) == set(HandlerSettings.__dataclass_fields__)
 
 
 def test_labels_must_be_contiguous(tmp_path):

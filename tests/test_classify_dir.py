@@ -15,7 +15,9 @@ from PIL import Image
 from client import results, sending
 from client.local_server import free_ports
 from core import files as walk
-from core import torchserve
+from core.http import management_url_for, new_session
+from core.keys import request_with_key
+from core.torchserve import TorchServe, ping as ts_ping
 from tests.conftest import COLORS, PYTHON, REPO, archive, popen, rows_written, wait_for, write_images
 from tests.image_zoo import write_zoo
 
@@ -124,7 +126,7 @@ def test_resume_keeps_first_ok_row_per_file_and_drops_the_rest(tmp_path, suffix)
 
 
 def test_management_url_is_the_next_port():
-    assert torchserve.management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
+    assert management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
 
 
 def test_usage_errors_exit_2_without_traceback(tmp_path):
@@ -180,7 +182,7 @@ def test_zoo_nested_with_odd_names_one_row_each_right_statuses(server, tmp_path)
             assert row["error"] and row["label"] is None
     assert "failed 7" in result.stdout and "http 400: 5" in result.stdout and "http 413: 1" in result.stdout
     assert "unreadable: 1" in result.stdout and "images/s" in result.stdout and "p99" in result.stdout
-    assert torchserve.ping(server.inference_url, server.keys()) is None
+    assert ts_ping(server.inference_url, server.keys()) is None
     assert [w["pid"] for w in server.workers()] == pid_before
     assert all(w["status"] == "READY" for w in server.workers())
 
@@ -238,10 +240,10 @@ def test_inference_key_renewed_through_the_api_key_is_picked_up(server, tmp_path
     keys = server.keys()
     old = keys.get("inference")
     # renew the inference key with the API key: the server rewrites key_file.json, the old key dies
-    renewed = torchserve.new_session().get(f"{server.management_url}/token", params={"type": "inference"},
+    renewed = new_session().get(f"{server.management_url}/token", params={"type": "inference"},
                                          headers={"Authorization": f"Bearer {keys.get('API')}"}, timeout=10)
     assert renewed.status_code == 200
-    api = torchserve.TorchServe(server.inference_url, server.management_url, keys)
+    api = TorchServe(server.inference_url, server.management_url, keys)
     classifier = sending.Classifier(api, server.model, None, topk=3, timeout=30)
     answer = classifier.send(path.read_bytes(), "application/octet-stream", {"path": "red.png"})
     row = answer.row
@@ -291,7 +293,7 @@ def test_server_stopped_mid_run_exit_3_then_resume_after_restart(server, many, t
 
     # the restart rotated the keys: a client holding the old ones re-reads the file and goes on
     assert old_keys.get("inference") != server.keys().get("inference")
-    api = torchserve.TorchServe(server.inference_url, server.management_url, old_keys)
+    api = TorchServe(server.inference_url, server.management_url, old_keys)
     classifier = sending.Classifier(api, server.model, None, topk=3, timeout=30)
     answer = classifier.send((directory / paths[0]).read_bytes(), "application/octet-stream", {"path": paths[0]})
     assert answer.reason is None and answer.row["status"] == "ok"
@@ -329,10 +331,10 @@ def test_rows_report_the_version_that_was_default_when_sent(server, tmp_path):
     root = tmp_path / "imgs"
     write_images(root, 6)
     archive(server.run_dir, server.store, server.model, "2.0")
-    session, keys = torchserve.new_session(), server.keys()
+    session, keys = new_session(), server.keys()
 
     def manage(method: str, path: str, **params):
-        response = torchserve.request_with_key(session, method, f"{server.management_url}{path}", keys,
+        response = request_with_key(session, method, f"{server.management_url}{path}", keys,
                                              "management", params=params, timeout=60)
         assert response.status_code == 200, response.text
 

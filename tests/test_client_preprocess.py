@@ -214,30 +214,34 @@ class FakeServer:
     def __init__(self, body):
         self.body, self.params = body, None
 
-    def call(self, method, path, what, ok_404=False, **params):
+    def describe(self, model, version=None, **params):
         self.params = params
         return self.body
 
 
+def choose(mode, server):
+    return pixels.choose(mode, "m", pixels.fetch_settings(server, "m", None))
+
+
 def test_auto_falls_back_to_server_mode_when_the_handler_exposes_nothing():
     stock = FakeServer([{"modelName": "m", "customizedMetadata": ""}])
-    assert pixels.choose("auto", stock, "m", None) == ("server", pixels.send_file)
+    assert choose("auto", stock) == ("server", pixels.send_file)
     assert stock.params == {"customized": "true"}
     with pytest.raises(UserError, match="does not expose its preprocessing settings"):
-        pixels.choose("client", stock, "m", None)
+        choose("client", stock)
 
 
 def test_auto_uses_client_mode_when_the_handler_exposes_settings_and_sends_smaller_files_as_they_are(
         handler):
     served, _ = handler
     ours = FakeServer([{"customizedMetadata": json.dumps(served.describe_handle())}])
-    mode, prepare = pixels.choose("auto", ours, "m", None)
+    mode, prepare = choose("auto", ours)
     assert mode == "client, files under 320 bytes as they are" and prepare.settings == SETTINGS
     small, large = zoo_files()["one_pixel.png"][0], zoo_files()["exif_orientation_6.jpg"][0]
     assert len(small) < 320 < len(large)  # 8x8x3 pixels and a 128-byte .npy header
     assert prepare(small) == (small, "application/octet-stream")
     assert prepare(large) == pixels.ClientPreprocessor(SETTINGS)(large)
-    assert pixels.choose("client", ours, "m", None)[1](small)[1] == "application/x-npy"
+    assert choose("client", ours)[1](small)[1] == "application/x-npy"
 
 
 def test_zoo_gets_the_same_rows_in_client_and_server_mode(server, tmp_path):

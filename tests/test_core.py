@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from client.server_logs import BatchWatch
-from core import torchserve
+from core.http import management_url_for, new_session
+from core.keys import Keys, read_token
+from core.torchserve import TorchServe, ping as ts_ping
 from core.errors import EXIT_CODES, KeyRefused, ServerUnavailable, UserError
 from core.files import IMAGE_EXTENSIONS, iter_files, parse_extensions
 from client.local_server import free_ports
@@ -38,10 +40,24 @@ class TokenServer(FakeHTTP):
         super().close()
 
 
+def test_closing_a_server_closes_the_session_its_key_renewal_opened(tmp_path):
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"inference": {"key": "old"}, "API": {"key": "api"}}))
+    fake = TokenServer(key_file)
+    fake.release.set()
+    server = TorchServe(fake.url, fake.url, Keys(key_file, fake.url), timeout=5)
+    assert server.keys.refresh("inference", "old") and server.keys.get("inference") == "fresh"
+    renewal = server.keys._session
+    assert renewal is not None and renewal.adapters["http://"].poolmanager.pools  # a connection was kept
+    server.close()
+    assert server.keys._session is None and not renewal.adapters["http://"].poolmanager.pools
+    fake.close()
+
+
 def test_management_url_keeps_the_brackets_of_an_ipv6_host():
-    assert torchserve.management_url_for("http://[::1]:8080") == "http://[::1]:8081"
-    assert torchserve.management_url_for("http://[fd00::5]:18090/") == "http://[fd00::5]:18091"
-    assert torchserve.management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
+    assert management_url_for("http://[::1]:8080") == "http://[::1]:8081"
+    assert management_url_for("http://[fd00::5]:18090/") == "http://[fd00::5]:18091"
+    assert management_url_for("http://127.0.0.1:8080") == "http://127.0.0.1:8081"
 
 
 def test_key_renewal_holds_no_lock_readers_wait_for_and_ignores_proxy_settings(tmp_path, monkeypatch):
@@ -51,7 +67,7 @@ def test_key_renewal_holds_no_lock_readers_wait_for_and_ignores_proxy_settings(t
     # a proxy from the environment would carry the API key elsewhere: the renewal must not use it
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
-    keys = torchserve.Keys(key_file, fake.url)
+    keys = Keys(key_file, fake.url)
     assert keys.get("inference") == "old"
     renewed = {}
     renewing = threading.Thread(target=lambda: renewed.setdefault("ok", keys.refresh("inference", "old")))
@@ -71,46 +87,48 @@ def test_key_renewal_holds_no_lock_readers_wait_for_and_ignores_proxy_settings(t
 def test_an_unreadable_key_file_is_that_servers_error_when_used_not_at_construction(tmp_path):
     folder = tmp_path / "key_file.json"
     folder.mkdir()  # a folder where the key file should be
-    keys = torchserve.Keys(folder, "http://127.0.0.1:1")  # building it never raises
+    keys = Keys(folder, "http://127.0.0.1:1")  # building it never raises
     with pytest.raises(ServerUnavailable, match="cannot read key file"):
         keys.get("inference")
 
 
-TOKEN_I, TOKEN_M, TOKEN_NEW = "i" * 40, "m" * 40, "n" * 40
+TOKEN_I, TOKEN_M, TOKEN_NEW = ("inference-token-0123456789abcdef", "management-token-0123456789abcdef",
+                               "new-inference-token-0123456789abcdef")
 
 
 def test_token_files_give_the_proxy_tokens_and_a_bad_one_is_named(tmp_path):
     inference, management = tmp_path / "inference", tmp_path / "management"
     inference.write_text(f"{TOKEN_I}\n")
     management.write_text(TOKEN_M)
-    keys = torchserve.Keys(token_file=inference, management_token_file=management)
+    keys = Keys(token_file=inference, management_token_file=management)
     assert keys.key_file is None  # never the local key_file.json
     assert keys.headers("inference") == {"Authorization": f"Bearer {TOKEN_I}"}
     assert keys.headers("management") == {"Authorization": f"Bearer {TOKEN_M}"}
-    reader_only = torchserve.Keys(token_file=inference)
+    reader_only = Keys(token_file=inference)
     assert reader_only.headers("management") == {"Authorization": f"Bearer {TOKEN_I}"}  # reads only
     inference.write_text("two words\n")
-    with pytest.raises(ServerUnavailable, match=f"cannot read token file {inference}: line 1: a token is 32"):
-        torchserve.Keys(token_file=inference).get("inference")
+    with pytest.raises(ServerUnavailable, match=f"cannot read token file {inference}: line 1: a token may hold"):
+        Keys(token_file=inference).get("inference")
 
 
 def test_a_token_file_of_several_lines_sends_its_first_token_as_nginx_reads_it(tmp_path):
     """The rotation's files (docs/security.md): render.sh accepts every line, the client sends the first."""
     path = tmp_path / "token"
     path.write_text(f"# rotation under way\n\n  {TOKEN_I}  \r\n{TOKEN_NEW}\n")
-    assert torchserve.read_token(path) == TOKEN_I
+    assert read_token(path) == TOKEN_I
     path.write_text(f"{TOKEN_NEW}\n{TOKEN_I}\n")
-    assert torchserve.read_token(path) == TOKEN_NEW
-    for bad, why in ((f"{TOKEN_I}\nshort\n", "line 2: a token is 32"), ("# only a comment\n", "holds no token")):
+    assert read_token(path) == TOKEN_NEW
+    for bad, why in ((f"{TOKEN_I}\nshort\n", "line 2: a token has 5 characters"),
+                     ("# only a comment\n", "holds no token")):
         path.write_text(bad)
         with pytest.raises(ValueError, match=why):
-            torchserve.read_token(path)
+            read_token(path)
 
 
 def test_a_changed_token_file_is_read_before_the_next_request_and_a_torn_write_keeps_the_last(tmp_path):
     path = tmp_path / "token"
     path.write_text(f"{TOKEN_I}\n")
-    keys = torchserve.Keys(token_file=path)
+    keys = Keys(token_file=path)
     assert keys.get("inference") == TOKEN_I
     staged = tmp_path / "token.new"  # the way a Secret volume is updated: a new file swapped in
     staged.write_text(f"{TOKEN_NEW}\n{TOKEN_I}\n")
@@ -175,7 +193,7 @@ def test_batch_watch_sees_a_rotation_to_a_larger_file(tmp_path):
 
 
 def test_every_thread_has_its_own_session_and_close_closes_them_all():
-    server = torchserve.TorchServe("http://127.0.0.1:9", keys=torchserve.Keys(keys={}))
+    server = TorchServe("http://127.0.0.1:9", keys=Keys(keys={}))
     sessions = [server.session()]
     other = threading.Thread(target=lambda: sessions.append(server.session()))
     other.start()
@@ -190,7 +208,7 @@ def test_every_thread_has_its_own_session_and_close_closes_them_all():
 
 def test_ping_closes_the_session_it_opened(monkeypatch):
     opened = []
-    real = torchserve.new_session
+    real = new_session
 
     def tracked(pool_size=4):
         session = real(pool_size)
@@ -198,22 +216,22 @@ def test_ping_closes_the_session_it_opened(monkeypatch):
         opened.append("opened")
         return session
 
-    monkeypatch.setattr(torchserve, "new_session", tracked)
-    assert "unreachable" in torchserve.ping("http://127.0.0.1:9", timeout=1)
+    monkeypatch.setattr("core.torchserve.new_session", tracked)
+    assert "unreachable" in ts_ping("http://127.0.0.1:9", timeout=1)
     assert opened == ["opened", "closed"]
 
 
 def test_a_refusal_by_the_proxy_is_a_key_refused_not_matched_by_text():
     proxy = FakeHTTP({"/ping": (401, b"<html>401 Authorization Required</html>")})  # nginx's own page
     with pytest.raises(KeyRefused):
-        torchserve.ping(proxy.url, torchserve.Keys(keys={"inference": "wrong"}))
+        ts_ping(proxy.url, Keys(keys={"inference": "wrong"}))
     proxy.close()
 
 
 def test_a_bug_in_a_version_lookup_is_not_taken_for_an_unknown_version(monkeypatch):
     from client.sending import VersionTracker
 
-    server = torchserve.TorchServe("http://127.0.0.1:9", keys=torchserve.Keys(keys={}))
+    server = TorchServe("http://127.0.0.1:9", keys=Keys(keys={}))
     def buggy(model):
         raise TypeError("'NoneType' object is not subscriptable")  # a bug, not an unknown version
 
@@ -226,13 +244,13 @@ def test_keys_given_directly_are_kept_and_never_replaced_by_a_local_key_file(tmp
     """ping(url) builds Keys(keys={}): it must not pick up (and send) the local key_file.json."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "local-secret"}}))
-    assert torchserve.Keys(keys={}).get("inference") is None
-    assert torchserve.Keys(keys={"inference": "given"}).get("inference") == "given"
+    assert Keys(keys={}).get("inference") is None
+    assert Keys(keys={"inference": "given"}).get("inference") == "given"
 
 
 @pytest.mark.parametrize("content", [None, '{"management": {"key": 1}'])
 def test_serve_helper_names_an_unreadable_key_file_in_one_line(tmp_path, content):
-    """`python -m core.torchserve wait` (serve.sh's helper) with a key file that is a folder or cut-short
+    """`python -m core.readiness wait` (serve.sh's helper) with a key file that is a folder or cut-short
     JSON: one line naming it, exit 1, no traceback (it waits for the file to become readable first)."""
     key_file = tmp_path / "key_file.json"
     if content is None:
@@ -240,7 +258,7 @@ def test_serve_helper_names_an_unreadable_key_file_in_one_line(tmp_path, content
     else:
         key_file.write_text(content)
     port = free_ports(1)[0]  # nothing listens there
-    result = subprocess.run([sys.executable, "-m", "core.torchserve", "wait", "--url", f"http://127.0.0.1:{port}",
+    result = subprocess.run([sys.executable, "-m", "core.readiness", "wait", "--url", f"http://127.0.0.1:{port}",
                              "--management-url", f"http://127.0.0.1:{port}", "--key-file", str(key_file),
                              "--timeout", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 1 and "Traceback" not in result.stderr

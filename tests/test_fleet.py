@@ -16,7 +16,8 @@ import pytest
 from client import fleet, shards
 from client.dispatch import Dispatcher, ReplicaState
 from client.pixels import send_file
-from client.sending import Answer, Retry
+from client.policy import Kind, Retry
+from client.sending import Answer, Served
 from core.errors import ServerUnavailable, UserError
 from tests.conftest import (
     MODEL,
@@ -95,6 +96,14 @@ def test_fleet_file_with_bad_yaml_names_the_file_and_line(tmp_path):
     ("replicas:\n  - inference_url: http://h:1\n", "replicas[0]: name must be"),
     ("replicas:\n  - name: a\n    inference_url: http://h:1\n    keyfile: k.json\n",
      "unknown key(s) ['keyfile']"),
+    ("replicas: 5\n", "expected a mapping with a list 'replicas:'"),
+    ('replicas:\n  - name: "a\\n"\n    inference_url: http://h:1\n',  # the bad name stays on one line
+     "replica 'a\\n' (replicas[0]): name must be letters, digits"),
+    ("replicas:\n  - name: a\n    inference_url: http://h:1\n    key_file: ' '\n",
+     "replica 'a' (replicas[0]): key_file must be a path, got ' '"),
+    ("replicas:\n  - name: a\n    inference_url: http://h:1\n    management_url: 5\n",
+     "replica 'a' (replicas[0]): management_url must be a URL such as http://HOST:PORT, got 5"),
+    ("replicas:\n  - name: a\n    inference_url: http://h:1\n  - {}\n", "replicas[1]: name must be"),
 ])
 def test_fleet_file_with_missing_or_unknown_keys_names_the_entry(tmp_path, text, needle):
     assert needle in fleet_error(tmp_path, text)
@@ -232,13 +241,13 @@ class FakeSender:
         if self.down:
             raise ServerUnavailable("server unreachable")
         if self.reason:  # no answer at all: "timeout" or "connection"
-            return Answer(None, self.reason, error=f"no answer ({self.reason})")
+            return Answer(None, self.reason, error=f"no answer ({self.reason})", kind=Kind.NO_ANSWER)
         if self.status == 200:
             return Answer({**row, "status": "ok"}, None, 200)
         return Answer({**row, "status": "error", "error": "Worker died"}, f"http {self.status}", self.status)
 
-    def check_workers_after_503(self):
-        pass
+    def no_ready_worker(self):
+        return None
 
 
 def fake_fleet(senders: list[FakeSender], probe, per_replica: int = 2, grace: float = 30.0,
@@ -316,7 +325,7 @@ def test_a_replica_answering_500_to_everything_is_taken_out_and_its_files_answer
     results = classify_at_once(sender, image, 60)
     assert len(results) == 60 and all(row["status"] == "ok" and row["replica"] == "r1" for row, _ in results)
     bad = sender.states[0]
-    assert not bad.healthy and bad.taken_out == 1 and "server errors in a row" in bad.out_why, bad
+    assert not bad.healthy and bad.taken_out == 1 and "failed answers in a row" in bad.out_why, bad
     assert bad.why == "still failing"  # the probe's latest reason keeps it out
     assert senders[0].calls <= Retry().take_out_after + 4  # the ones in flight when it was taken out
     sender.close()
@@ -338,8 +347,8 @@ def test_a_500_answered_by_every_replica_is_the_images_error_and_a_400_is_not_re
 
 def test_a_replica_whose_workers_are_gone_is_taken_out_and_the_run_goes_on(image):
     class NoWorkers(FakeSender):
-        def check_workers_after_503(self):
-            raise ServerUnavailable("model 'm' version 1.0 has no READY worker on r0 and answers 503")
+        def no_ready_worker(self):
+            return "model 'm' version 1.0 has no READY worker on r0 and answers 503"
 
     senders = [NoWorkers(status=503), FakeSender()]
     sender = fake_fleet(senders, probe=lambda s: "no READY worker" if s.replica.name == "r0" else None,
@@ -354,8 +363,8 @@ def test_answers_still_in_flight_from_a_replica_that_is_out_do_not_restart_the_g
     """Every worker gone (503 to all, no READY worker) with many requests in flight: the run ends
     after the grace with exit 3's error, not a hang (late 503s from the out replica kept resetting it)."""
     class NoWorkers(FakeSender):
-        def check_workers_after_503(self):
-            raise ServerUnavailable("model 'm' version 1.0 has no READY worker")
+        def no_ready_worker(self):
+            return "model 'm' version 1.0 has no READY worker"
 
     sender = fake_fleet([NoWorkers(delay=0.05, status=503)], probe=lambda s: "no READY worker",
                         per_replica=8, grace=1.0, retry=Retry(total=0, backoff=0.01))
@@ -383,7 +392,7 @@ def test_a_replica_answering_502_is_taken_out_and_its_files_answered_elsewhere(i
                         per_replica=4, retry=Retry(total=1, backoff=0.01))
     results = classify_at_once(sender, image, 80)
     assert len(results) == 80 and all(row["status"] == "ok" for row, _ in results)
-    assert not sender.states[0].healthy and "server errors in a row" in sender.states[0].out_why
+    assert not sender.states[0].healthy and "failed answers in a row" in sender.states[0].out_why
     sender.close()
 
 
@@ -583,7 +592,8 @@ def cut_answer_server():
 
 def test_classifier_counts_an_answer_cut_midway_as_a_connection_failure(tmp_path):
     from client.sending import Classifier
-    from core.torchserve import Keys, TorchServe
+    from core.keys import Keys
+    from core.torchserve import TorchServe
 
     listener, url = cut_answer_server()
     server = TorchServe(url, url, Keys(keys={}))
@@ -641,7 +651,8 @@ def test_dispatcher_stops_when_replicas_answer_ping_but_every_request_fails(imag
 
 def test_run_check_refuses_an_unregistered_version_no_ready_worker_another_version_or_preprocessing(monkeypatch):
     from client.sending import RunCheck
-    from core.torchserve import Keys, TorchServe
+    from core.keys import Keys
+    from core.torchserve import TorchServe
 
     http = FakeHTTP({"/models/m/1.0": (200, b'[{"modelVersion": "1.0", "workers": [{"status": "UNLOADING"}]}]'),
                      "/models/m/3.0": (200, b'[{"modelVersion": "3.0", "workers": [{"status": "READY"}]}]'),
@@ -656,18 +667,18 @@ def test_run_check_refuses_an_unregistered_version_no_ready_worker_another_versi
     assert RunCheck("m", None, default_version="3.0").problem(server, ready=True) is None
     # one that comes back serving another input size stays out too (its pixels would all be 400)
     from client import pixels
-    monkeypatch.setattr(pixels, "fetch_settings", lambda srv, model, version: "size 28x28")
+    monkeypatch.setattr(pixels, "settings_of", lambda entry, model: "size 28x28")
     assert "preprocesses 'm' differently" in RunCheck("m", "3.0", settings="size 224x224").problem(server, True)
     http.close()
 
 
 def test_fleet_replica_without_key_file_sends_no_local_key_and_asks_no_token(tmp_path, monkeypatch):
-    from core import torchserve
+    from core import keys
     from core.errors import KeyRefused
 
     local = tmp_path / "key_file.json"
     local.write_text(json.dumps({k: {"key": f"local-{k}"} for k in ("inference", "management", "API")}))
-    monkeypatch.setattr(torchserve, "DEFAULT_KEY_FILE", local)
+    monkeypatch.setattr(keys, "DEFAULT_KEY_FILE", local)
     http = FakeHTTP({"/ping": (400, b'{"code": 400, "type": "InvalidKeyException", "message": "no"}'),
                      "/token": (200, b"")})
     replica = fleet.Replica("remote", http.url, http.url)
@@ -718,28 +729,27 @@ def test_fleet_probe_thread_survives_a_probe_that_raises(image):
     assert not sender._prober.is_alive()  # a finished run leaves no probe thread behind
 
 
-def test_fleet_with_replicas_preprocessing_differently_refuses_to_start(monkeypatch):
+def test_fleet_with_replicas_preprocessing_differently_refuses_to_start():
     import argparse
 
-    from client import classify_dir, pixels
+    from client import classify_dir
 
     states = []
     for i in range(3):
         url = f"http://127.0.0.1:{9200 + 2 * i}"
         replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url))
         states.append(ReplicaState(replica, replica.api()))
-    settings = {states[0].server: "size 224", states[1].server: "size 224", states[2].server: "size 256"}
-    monkeypatch.setattr(pixels, "fetch_settings", lambda server, model, version: settings[server])
+    served = {f"r{i}": Served("1.0", ("READY",), size) for i, size in enumerate(("size 224", "size 224", "size 256"))}
     args = argparse.Namespace(version=None, allow_mixed_versions=True, preprocess="client")
     with pytest.raises(UserError) as caught:
-        classify_dir.run_check(args, states, "m")
+        classify_dir.run_check(args, states, "m", served)
     message = str(caught.value)
     assert "r0" in message and "r2" in message and "size 224" in message and "size 256" in message, message
     states[2].healthy = False  # a replica that is out is not compared
-    assert classify_dir.run_check(args, states, "m").settings == "size 224"
+    assert classify_dir.run_check(args, states, "m", served).settings == "size 224"
 
 
-def test_fleet_with_replicas_on_different_default_versions_refuses_to_start(monkeypatch):
+def test_fleet_with_replicas_on_different_default_versions_refuses_to_start():
     import argparse
 
     from client import classify_dir
@@ -749,9 +759,9 @@ def test_fleet_with_replicas_on_different_default_versions_refuses_to_start(monk
         url = f"http://127.0.0.1:{9300 + 2 * i}"
         replica = fleet.Replica(f"r{i}", url, fleet.management_url_for(url))
         states.append(ReplicaState(replica, replica.api()))
-        monkeypatch.setattr(states[-1].server, "default_version", lambda model, v=version: v)
+    served = {"r0": Served("1.0", ("READY",)), "r1": Served("3.0", ("READY",))}
     args = argparse.Namespace(version=None, allow_mixed_versions=False, preprocess="server")
     with pytest.raises(UserError, match=r"different default versions of 'm' \(r0: 1.0; r1: 3.0\)"):
-        classify_dir.run_check(args, states, "m")
+        classify_dir.run_check(args, states, "m", served)
     args.allow_mixed_versions = True
-    assert classify_dir.run_check(args, states, "m").default_version is None
+    assert classify_dir.run_check(args, states, "m", served).default_version is None

@@ -15,7 +15,8 @@ from PIL import Image
 from client import rollout
 from client.manage import get_args_parser
 from client.versions import Member, register
-from core import torchserve
+from core.http import new_session
+from core.keys import request_with_key
 from core.errors import Refused, RolledBack, UserError
 from core.torchserve import TorchServe
 from tests.conftest import COLORS, LABELS, PYTHON, archive, make_server, running_fleet, wait_for, write_images
@@ -182,12 +183,12 @@ def test_fleet_rollout_under_load_has_no_error_and_ends_on_the_new_version_every
     stop = threading.Event()
 
     def load(index: int, srv) -> None:  # one request in flight on the replica's default version
-        session, keys, sent = torchserve.new_session(1), srv.keys(), 0
+        session, keys, sent = new_session(1), srv.keys(), 0
         while not stop.is_set():
             color = LABELS[sent % 3]
             sent += 1
             try:
-                response = torchserve.request_with_key(
+                response = request_with_key(
                     session, "POST", f"{srv.inference_url}/predictions/load", keys, "inference",
                     data=images[color], timeout=60, headers={"Content-Type": "application/octet-stream"})
                 right = response.status_code == 200 and response.json()[0]["label"] == color

@@ -25,7 +25,7 @@ import requests
 from PIL import Image
 
 from client.local_server import free_ports
-from core.torchserve import pid_alive as alive
+from core.readiness import pid_alive as alive
 from tests.conftest import MODEL, REPO, VERSION, Server, archive, make_server, tiny_store, wait_for
 
 FRONT_PROXY = REPO / "scripts" / "front_proxy.sh"
@@ -449,7 +449,9 @@ def test_the_documented_rotation_refuses_no_request_of_a_running_client(proxy):
     /ping with the token file: the client follows the file's first line, nginx never answers 401."""
     import threading
 
-    from core.torchserve import Keys, new_session, request_with_key
+    from core.http import new_session
+    from core.keys import Keys, request_with_key
+
     token_file = Path(proxy.env["PROXY_TOKEN_FILE"])
     old, new = proxy.token, secrets.token_hex(24)
     keys, session, statuses, stop = Keys(token_file=token_file), new_session(1), [], threading.Event()
@@ -517,7 +519,8 @@ def test_a_token_refused_mid_run_exits_2_with_rows_kept(proxy, tmp_path):
 def test_the_worst_case_of_uploads_cannot_fill_the_spool_past_its_budget(tmp_path):
     """Every class of body nginx spools to disk, each sent past its cap at once and held (the
     upstream never answers: a listening socket stands in for TorchServe, which cannot be made to
-    hold a request): what is on disk stays within PROXY_SPOOL_BYTES, the rest get 429 at once."""
+    hold a request): what is on disk stays within PROXY_SPOOL_BYTES, the rest get 429 at once. The
+    bodies come from two addresses in turn, as one address may hold only half of a class's places."""
     max_body, budget = 2_000_000, 20_000_000
     config = tmp_path / "config.properties"
     config.write_text(f"max_request_size={max_body}\n")
@@ -536,14 +539,15 @@ def test_the_worst_case_of_uploads_cannot_fill_the_spool_past_its_budget(tmp_pat
         rendered = (base / "run" / "nginx.conf").read_text()
         caps = [int(re.search(rf"limit_conn spool_{c} (\d+);", rendered).group(1)) for c in ("small", "medium", "large")]
         assert caps == [budget // 4 // 1_000_000, budget // 4 // max_body, budget // 2 // max_body]  # 5, 2, 5
+        sources = iter(("127.0.0.1", "127.0.0.2") * len(sizes) * 2)
         for size in sizes:
-            conn = socket.create_connection(("127.0.0.1", front.port), timeout=30)
+            conn = socket.create_connection(("127.0.0.1", front.port), 30, (next(sources), 0))
             conn.sendall(raw_request("POST", f"/predictions/{MODEL}", front.token, b"\x00" * size))
             held.append(conn)
         chunked = (f"POST /predictions/{MODEL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {front.token}\r\n"
                    f"Transfer-Encoding: chunked\r\n\r\n{max_body:x}\r\n").encode() + b"\x00" * max_body + b"\r\n0\r\n\r\n"
         for _ in range(8):  # no declared size: the large class
-            conn = socket.create_connection(("127.0.0.1", front.port), timeout=30)
+            conn = socket.create_connection(("127.0.0.1", front.port), 30, (next(sources), 0))
             conn.sendall(chunked)
             held.append(conn)
         workers = psutil.Process(front.pid()).children()
@@ -584,7 +588,7 @@ def test_start_fails_with_the_reason(ts_config):
         assert missing.returncode == 2 and f"{base}/absent.token: token file not found" in missing.stderr
         (base / "empty.token").write_text("\n# no token yet\n")
         empty = front.run("start", PROXY_MANAGEMENT_TOKEN_FILE=str(base / "empty.token"))
-        assert empty.returncode == 2 and "empty.token: token file is empty" in empty.stderr
+        assert empty.returncode == 2 and "empty.token: the file holds no token" in empty.stderr
         (base / "short.token").write_text("short\n")
         short = front.run("start", PROXY_TOKEN_FILE=str(base / "short.token"))
         assert short.returncode == 2 and "at least 32 are needed" in short.stderr
@@ -660,7 +664,7 @@ def test_render_refuses_unsafe_settings(tmp_path, ts_config):
     cases = {"PROXY_BACKEND": "http://127.0.0.1:8080/models",
              "PROXY_MANAGEMENT_BACKEND": "http://user@host:1",
              "PROXY_LISTEN": "127.0.0.1:8090;evil", "PROXY_DIR": str(tmp_path / "a b"),
-             "PROXY_HEADER_TIMEOUT": "0"}
+             "PROXY_HEADER_TIMEOUT": "0", "PROXY_CONNECTIONS_PER_ADDRESS": "0"}
     for name, value in cases.items():
         result = subprocess.run(["sh", str(RENDER)], env={**env, name: value}, capture_output=True, text=True,
                                 timeout=30)
@@ -668,7 +672,17 @@ def test_render_refuses_unsafe_settings(tmp_path, ts_config):
     (tmp_path / "bad.token").write_text("a" * 40 + '";\n')
     result = subprocess.run(["sh", str(RENDER)], env={**env, "PROXY_TOKEN_FILE": str(tmp_path / "bad.token")},
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "bad.token: a token may hold only" in result.stderr
+    assert result.returncode == 2 and "bad.token: line 1: a token may hold only" in result.stderr
+
+
+def test_render_sets_the_connections_one_address_may_hold(tmp_path, ts_config):
+    """Behind an ingress every client comes from one address: the operator raises the limit."""
+    env = new_proxy(tmp_path, None, ts_config).env
+    for value, expected in ((None, "limit_conn per_address 512;"), ("4096", "limit_conn per_address 4096;")):
+        extra = {} if value is None else {"PROXY_CONNECTIONS_PER_ADDRESS": value}
+        result = subprocess.run(["sh", str(RENDER)], env={**env, **extra}, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert expected in (Path(env["PROXY_DIR"]) / "nginx.conf").read_text()
 
 
 # ---- the project's own client through the proxy: a fleet entry holding only the proxy's tokens ----

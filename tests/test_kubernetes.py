@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -647,8 +648,8 @@ def test_nginx_container_environment_renders_a_configuration_nginx_accepts(tmp_p
     for path in list(mapping.values())[1:]:
         Path(path).mkdir()
     shutil.copy(K8S / "config.properties", tmp_path / "etc-torchserve" / "config.properties")
-    (tmp_path / "inference" / "token").write_text("i" * 48 + "\n")
-    (tmp_path / "management" / "token").write_text("m" * 48 + "\n")
+    (tmp_path / "inference" / "token").write_text(secrets.token_hex(24) + "\n")
+    (tmp_path / "management" / "token").write_text(secrets.token_hex(24) + "\n")
     env = dict(os.environ)
     for name, item in env_of(nginx).items():
         value = item["value"]

@@ -11,7 +11,9 @@ from PIL import Image
 
 from client.local_server import free_ports
 from client.rollout import read_manifest
-from core import errors, torchserve
+from core import errors
+from core.http import new_session
+from core.keys import request_with_key
 from tests.conftest import COLORS, PYTHON, REPO, rows_written, server_without_models, wait_for, write_images
 
 pytestmark = pytest.mark.integration
@@ -68,7 +70,7 @@ def predict(srv, name: str, color: str = "red", version: str | None = None):
     path = f"/predictions/{name}" + (f"/{version}" if version else "")
     buf = Path(srv.base / f"{color}.png")
     Image.new("RGB", (8, 8), COLORS[color]).save(buf)
-    return torchserve.request_with_key(torchserve.new_session(1), "POST", srv.inference_url + path, srv.keys(),
+    return request_with_key(new_session(1), "POST", srv.inference_url + path, srv.keys(),
                                      "inference", data=buf.read_bytes(), timeout=30)
 
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from client.local_server import free_ports
-from core.torchserve import pid_alive
+from core.readiness import pid_alive
 from tests.conftest import MODEL, PYTHON, REPO, VERSION, make_server, tiny_store, wait_for
 from tests.image_zoo import png_bytes, write_zoo
 from tests.test_front_proxy import new_proxy, proxy_base

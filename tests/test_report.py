@@ -112,6 +112,31 @@ def test_summary_of_jsonl_and_csv_shards_counts_each_file_once(tmp_path):
     assert json.loads((tmp_path / "s.summary.json").read_text()) == got
 
 
+def test_the_printed_class_table_and_the_summary_are_one_computation(tmp_path):
+    # classify_dir's table and PNG (results.Stats) and summary.json (summary.Tally) from the same rows:
+    # red right once of twice, green right, blue's only file failed (a class with nothing defined)
+    rows = [row("red/1.png", "red", 0.9, "red"), row("red/2.png", "green", 0.6, "red"),
+            row("green/3.png", "green", 0.8, "green"), row("blue/4.png", None, true="blue")]
+    stats = results.Stats()
+    for r in rows:
+        stats.add(r, None if r["status"] == "ok" else "http 400")
+    png = tmp_path / "c.confusion.png"
+    printed = results.report_class_metrics(stats, png).splitlines()
+    assert printed[0] == ("accuracy 0.6667, error rate 0.3333 (2/3 classified files right); "
+                          "1/4 files failed and are not counted")
+    assert [line.split() for line in printed[2:5]] == [["blue", "-", "-", "0"],
+                                                       ["green", "0.5000", "1.0000", "1"],
+                                                       ["red", "1.0000", "0.5000", "2"]]
+    assert printed[5] == f"confusion matrix: {png}"
+    with Image.open(png) as image:  # 3 classes: min(20, 2.5 + 0.45 * 3) inches at 100 dpi
+        assert image.format == "PNG" and image.size == (385, 385)
+    accuracy = summary.summary_of(summary.Results([write_rows(tmp_path / "r.jsonl", rows)]))["accuracy"]
+    assert accuracy["classes"] == {"blue": {"precision": None, "recall": None, "support": 0},
+                                   "green": {"precision": 0.5, "recall": 1.0, "support": 1},
+                                   "red": {"precision": 1.0, "recall": 0.5, "support": 2}}
+    assert accuracy["confusion"] == [["red", "red", 1], ["red", "green", 1], ["green", "green", 1]]
+
+
 HOSTILE = "<script>alert(1)</script>.png"  # a folder "<script>alert(1)<" and a file "script>.png"
 HOSTILE_LABEL = 'say "hi" <b>'
 

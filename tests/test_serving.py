@@ -14,7 +14,9 @@ import requests
 import torch
 from PIL import Image
 
-from core import torchserve
+from core.http import is_auth_error, new_session
+from core.keys import request_with_key
+from core.torchserve import ping as ts_ping
 from handler.preprocessing import PreprocessConfig, load_tensor
 from tests.conftest import REPO, make_server, wait_for
 from tests.image_zoo import zoo_files
@@ -29,7 +31,7 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (16, 16)) -> bytes:
 
 
 def predict(server, data: bytes, session: requests.Session | None = None) -> requests.Response:
-    return torchserve.request_with_key(session or torchserve.new_session(), "POST",
+    return request_with_key(session or new_session(), "POST",
                                      f"{server.inference_url}/predictions/{server.model}", server.keys(),
                                      "inference", data=data, timeout=30,
                                      headers={"Content-Type": "application/octet-stream"})
@@ -72,9 +74,9 @@ def test_status_lists_model_version_default_and_workers(server):
 
 
 def test_ping_needs_the_key_and_auth_stays_on(server):
-    assert torchserve.ping(server.inference_url, server.keys()) is None
+    assert ts_ping(server.inference_url, server.keys()) is None
     bad = requests.get(f"{server.inference_url}/ping", headers={"Authorization": "Bearer wrong"}, timeout=5)
-    assert torchserve.is_auth_error(bad)
+    assert is_auth_error(bad)
 
 
 def test_second_start_refuses_busy_ports(server, tmp_path):
@@ -89,7 +91,7 @@ def test_second_start_refuses_busy_ports(server, tmp_path):
 
 def test_allowed_urls_refuse_remote_archives(server):
     for url in ("http://127.0.0.1:9/evil.mar", "file:///etc/passwd.mar"):
-        response = torchserve.request_with_key(torchserve.new_session(), "POST",
+        response = request_with_key(new_session(), "POST",
                                              f"{server.management_url}/models", server.keys(), "management",
                                              params={"url": url}, timeout=10)
         assert response.status_code == 404 and "does not match any allowed URL" in response.text
@@ -102,7 +104,7 @@ def test_allowed_urls_admit_only_plain_file_names_of_the_store(server, tmp_path)
     shutil.copyfile(server.store / f"{server.model}-{server.version}.mar", outside)
     try:
         for name in ("%2e%2e%2foutside-the-store.mar", "%2E%2E%2Foutside-the-store.mar", ".hidden.mar"):
-            response = torchserve.request_with_key(torchserve.new_session(), "POST",
+            response = request_with_key(new_session(), "POST",
                                                    f"{server.management_url}/models", server.keys(), "management",
                                                    params={"url": f"file://{server.store}/{name}"}, timeout=60)
             assert response.status_code == 404 and "does not match any allowed URL" in response.text, name
@@ -112,7 +114,7 @@ def test_allowed_urls_admit_only_plain_file_names_of_the_store(server, tmp_path)
 
 def test_prometheus_metrics_on_the_metrics_port(server):
     predict(server, png((200, 0, 0)))
-    response = torchserve.request_with_key(torchserve.new_session(), "GET", f"{server.metrics_url}/metrics",
+    response = request_with_key(new_session(), "GET", f"{server.metrics_url}/metrics",
                                          server.keys(), "inference", timeout=10)
     assert response.status_code == 200 and "# TYPE" in response.text
 
@@ -120,7 +122,7 @@ def test_prometheus_metrics_on_the_metrics_port(server):
 def test_served_predictions_equal_in_process(server):
     files = {name: data for name, (data, status) in zoo_files().items() if status == 200}
     files.update({"red.png": png((230, 30, 10)), "mixed.png": png((120, 130, 125), (40, 24))})
-    session = torchserve.new_session()
+    session = new_session()
     for name, data in files.items():
         response = predict(server, data, session)
         assert response.status_code == 200, (name, response.text)
@@ -153,7 +155,7 @@ def test_mixed_batch_gets_per_image_statuses_and_worker_survives(server):
         results: dict[str, requests.Response] = {}
 
         def send(name: str, data: bytes) -> None:
-            session = torchserve.new_session()
+            session = new_session()
             barrier.wait(timeout=10)
             results[name] = predict(server, data, session)
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from core.files import save_atomic
 from handler import aot
 from handler.preprocessing import PreprocessConfig, load_tensor
 
@@ -109,20 +108,16 @@ def export_pt2(model: nn.Module, out: str | Path, precision: str, image_size: tu
     march = march_for(aot.cpu_flags())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="aot-", dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
-        with torch._inductor.config.patch({"freezing": True, "cpp.march": march, "cpp.dynamic_threads": True}):
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(staged))
-        meta = {"format": "pt2", "precision": precision, "device": "cpu", "torch": torch.__version__,
-                "march": march, "cpu_flags": aot.MARCH_FLAGS[march] + isa_extension_flags(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "batch_sizes": [1, batch_size], "image_size": list(image_size),
-                "package_sha256": aot.file_sha256(staged), "model_sha256": model_sha256,
-                "calibration_images": len(calibration or [])}
-        staged_meta = aot.meta_path(staged)
-        staged_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(staged, out)
-        os.replace(staged_meta, aot.meta_path(out))
+    with torch._inductor.config.patch({"freezing": True, "cpp.march": march, "cpp.dynamic_threads": True}):
+        save_atomic(lambda f: torch._inductor.aoti_compile_and_package(exported, package_path=f), out)
+    meta = {"format": "pt2", "precision": precision, "device": "cpu", "torch": torch.__version__,
+            "march": march, "cpu_flags": aot.MARCH_FLAGS[march] + isa_extension_flags(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "batch_sizes": [1, batch_size], "image_size": list(image_size),
+            "package_sha256": aot.file_sha256(out), "model_sha256": model_sha256,
+            "calibration_images": len(calibration or [])}
+    # after the package: until this record names its sha256, a worker refuses the package (handler/aot.py)
+    save_atomic(lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8")), aot.meta_path(out))
     return meta
 
 

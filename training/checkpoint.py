@@ -7,6 +7,7 @@ import torch
 
 from core.errors import UserError
 from core.files import save_atomic
+from handler.preprocessing import PreprocessConfig
 
 # What training.train writes and what --resume and training.export need back.
 REQUIRED_KEYS = ("model", "best_model", "optimizer", "scheduler", "epoch", "arch", "classes", "preprocess",
@@ -34,4 +35,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
     if missing:
         raise UserError(f"{path}: not a checkpoint written by training.train (missing {', '.join(missing)})")
+    try:  # its preprocess.json to be, checked as every reader checks that file (image_size bounded)
+        PreprocessConfig(**state["preprocess"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: preprocess: {e}") from None
     return state

@@ -34,17 +34,24 @@ def read_list(list_path: str | Path, class_names: list[str]) -> list[tuple[Path,
         if len(fields) != 2 or not fields[0].strip() or not fields[1].strip():
             raise UserError(f"{where}: malformed line {line[:80]!r}; expected '<image path><TAB><label>'")
         path_text, label = fields[0].strip(), fields[1].strip()
+        if "\0" in path_text:  # no file name holds one; os calls raise ValueError on it
+            raise UserError(f"{where}: the image path {path_text[:80]!r} holds a NUL byte")
         if label not in index_of:
             raise UserError(f"{where}: label {label!r} is not in the labels file; "
                             f"known: {', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''}")
         path = Path(path_text)
         if not path.is_absolute():
             path = list_path.parent / path
-        path = Path(*path.parts).resolve()
+        try:
+            path = Path(*path.parts).resolve()
+            found = path.is_file()
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop (RuntimeError before 3.13)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)[:120]
+            raise UserError(f"{where}: unusable image path {path_text[:80]!r} ({reason})") from None
         if path in first_line:
             raise UserError(f"{where}: duplicate entry {path_text!r}, "
                             f"first listed at line {first_line[path]}")
-        if not path.is_file():
+        if not found:
             raise UserError(f"{where}: image not found: {path}")
         try:
             with Image.open(path) as img:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from core.errors import Refused, UserError, command
+from core.files import atomic_path
 from handler.aot import PT2_PRECISIONS
 from training.aot import CALIBRATION_SIZE
 from training.checkpoint import load_checkpoint
@@ -65,8 +65,7 @@ def export_torchscript(model: nn.Module, out: str | Path, image_size: tuple[int,
     model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             script_model(model).save(str(tmp))
@@ -74,9 +73,6 @@ def export_torchscript(model: nn.Module, out: str | Path, image_size: tuple[int,
         if not difference <= TOLERANCE:
             raise ExportMismatch(f"{out}: reloaded TorchScript differs from the eager model by "
                                  f"{difference:.3g} (> {TOLERANCE}); the file is not safe to serve")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return difference
 
 

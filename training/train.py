@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.errors import UserError, command
-from handler.preprocessing import PreprocessConfig, resize, to_tensor
+from handler.preprocessing import MAX_IMAGE_SIZE, PreprocessConfig, resize, to_tensor
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.dataset import ImageListDataset
 from training.export import export_torchscript
@@ -171,9 +171,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> tuple[int, int]:
     size = args.image_size * 2 if len(args.image_size) == 1 else args.image_size
-    if len(size) != 2 or min(size) < 1:
+    if len(size) != 2 or min(size) < 1 or max(size) > MAX_IMAGE_SIZE:
         raise UserError(f"--image-size {' '.join(map(str, args.image_size))}: "
-                        "give one or two positive integers")
+                        f"give one or two integers from 1 to {MAX_IMAGE_SIZE}")
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")

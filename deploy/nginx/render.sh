@@ -61,8 +61,43 @@ seconds() {
     printf '%s\n' "$2"
 }
 HEADER_TIMEOUT=$(seconds PROXY_HEADER_TIMEOUT "${PROXY_HEADER_TIMEOUT:-10}")
-BODY_TIMEOUT=$(seconds PROXY_BODY_TIMEOUT "${PROXY_BODY_TIMEOUT:-30}")
+BODY_TIMEOUT=$(seconds PROXY_BODY_TIMEOUT "${PROXY_BODY_TIMEOUT:-10}")
 UPSTREAM_TIMEOUT=$(seconds PROXY_UPSTREAM_TIMEOUT "${PROXY_UPSTREAM_TIMEOUT:-300}")
+# The stream layer's idle limit only has to outlast the http server's longest wait: TorchServe's
+# answer, a keep-alive connection (65 s), a header or a body.
+STREAM_IDLE_TIMEOUT=65
+for t in "$UPSTREAM_TIMEOUT" "$HEADER_TIMEOUT" "$BODY_TIMEOUT"; do
+    [ "$t" -le "$STREAM_IDLE_TIMEOUT" ] || STREAM_IDLE_TIMEOUT=$t
+done
+STREAM_IDLE_TIMEOUT=$((STREAM_IDLE_TIMEOUT + 60))
+
+# Connections (the template's stream block): one address holds at most PER_ADDRESS, and each costs
+# nginx three connections, each a file descriptor. A worker gets as many connections as the hard
+# limit on open files allows (nginx raises its soft limit to worker_rlimit_nofile), up to 16,384,
+# less 1,024 descriptors for spool files, logs and listening sockets; fewer than 2,048 would let one
+# address's 3 x 512 fill most of a worker, so that is refused. Behind a load balancer or an ingress
+# that connects from one address, every client shares that address's limit: raise it there.
+PER_ADDRESS=${PROXY_CONNECTIONS_PER_ADDRESS:-512}
+case "$PER_ADDRESS" in ''|*[!0-9]*|0) die "PROXY_CONNECTIONS_PER_ADDRESS='$PER_ADDRESS': expected a whole number >= 1" ;; esac
+fd_limit=$(ulimit -H -n)
+case "$fd_limit" in unlimited) fd_limit=1048576 ;; ''|*[!0-9]*) die "ulimit -H -n gave '$fd_limit'" ;; esac
+WORKER_NOFILE=$(( fd_limit < 17408 ? fd_limit : 17408 ))
+WORKER_CONNECTIONS=$((WORKER_NOFILE - 1024))
+[ "$WORKER_CONNECTIONS" -ge 2048 ] \
+    || die "the hard limit on open files is $fd_limit; nginx needs at least 3072 (2,048 connections a worker and room for files): raise it (ulimit -Hn, or the container runtime's nofile limit)"
+
+# The stream module: built in, or Debian's libnginx-mod-stream (a module to load).
+build=$("$NGINX" -V 2>&1)
+case "$build" in
+    *"--with-stream=dynamic"*)
+        modules=$(printf '%s\n' "$build" | sed -n 's/.*--modules-path=\([^ ]*\).*/\1/p')
+        modules=${modules:-/usr/lib/nginx/modules}
+        [ -f "$modules/ngx_stream_module.so" ] \
+            || die "$modules/ngx_stream_module.so not found: install Debian's libnginx-mod-stream ('make install' does)"
+        LOAD_STREAM="load_module $modules/ngx_stream_module.so;" ;;
+    *"--with-stream "*|*"--with-stream") LOAD_STREAM="# the stream module is built into this nginx" ;;
+    *) die "$NGINX has no stream module (nginx -V shows no --with-stream); Debian's nginx with libnginx-mod-stream has" ;;
+esac
 
 # The body limit is TorchServe's own max_request_size (its default when the key is absent).
 [ -f "$TS_CONFIG" ] || die "$TS_CONFIG: TorchServe config not found (PROXY_TS_CONFIG); its max_request_size is the body limit"
@@ -81,6 +116,10 @@ SPOOL_MEDIUM=$(( SPOOL_BYTES / 4 / $(smaller 10000000 "$MAX_BODY") ))
 SPOOL_LARGE=$(( SPOOL_BYTES / 2 / MAX_BODY ))
 [ "$SPOOL_LARGE" -ge 1 ] && [ "$SPOOL_MEDIUM" -ge 1 ] && [ "$SPOOL_SMALL" -ge 1 ] \
     || die "PROXY_SPOOL_BYTES=$SPOOL_BYTES is too small for max_request_size=$MAX_BODY (at least $(( 2 * MAX_BODY )) for one body of each class)"
+# One client address may hold half of each class's places, rounded up.
+SPOOL_SMALL_SHARE=$(( (SPOOL_SMALL + 1) / 2 ))
+SPOOL_MEDIUM_SHARE=$(( (SPOOL_MEDIUM + 1) / 2 ))
+SPOOL_LARGE_SHARE=$(( (SPOOL_LARGE + 1) / 2 ))
 
 # Paths go into the config unquoted: letters, digits and / . _ + - only.
 safe_path() {
@@ -95,28 +134,51 @@ ACCESS_LOG=${PROXY_ACCESS_LOG:-$PROXY_DIR/logs/access.log}
 ERROR_LOG=${PROXY_ERROR_LOG:-$PROXY_DIR/logs/error.log}
 safe_path PROXY_ACCESS_LOG "$ACCESS_LOG"
 safe_path PROXY_ERROR_LOG "$ERROR_LOG"
+# The http server listens on unix sockets in PROXY_DIR, whose paths must fit a sockaddr_un.
+[ "${#PROXY_DIR}" -le 90 ] || die "PROXY_DIR='$PROXY_DIR': at most 90 characters (its unix sockets' paths must fit in 108)"
 
-# The tokens: one a line (two during a rotation), blank lines and #-comments skipped. nginx's map
-# compares them without regard to case, so 32 characters is the least (>= 160 bits even then).
+# The token-file rule, shared with core/keys.py's read_tokens (tests/test_tokens.py runs one table
+# of cases against both): the file is printable ASCII, tab and LF, with a CR allowed only before a
+# LF or at its end (a CRLF file); each line is stripped of its CR and of blanks; blank lines and
+# #-comments are skipped; every other line is a token (two during a rotation) of 32 to 512 letters,
+# digits or . _ ~ + / = - with at least 8 different characters and not the same as an earlier one,
+# letter case aside: nginx's map compares tokens without it (docs/security.md).
 read_tokens() {  # $1 variable name (for messages), $2 file, $3 role -> map lines on stdout
     [ -e "$2" ] || die "$2: token file not found ($1)"
     [ -f "$2" ] && [ -r "$2" ] || die "$2: token file not readable ($1)"
+    bad=$(LC_ALL=C grep -a -n -m 1 -e "[^$TAB$CR -~]" -e "$CR." "$2" | cut -d: -f1)
+    [ -z "$bad" ] || die "$2: line $bad: not printable ASCII (a NUL or other control byte, a CR inside a line, a byte order mark or a non-ASCII character) ($1)"
     count=0
+    number=0
+    seen=" "
     while IFS= read -r line || [ -n "$line" ]; do
-        token=$(printf '%s' "$line" | tr -d '\r')
-        token=${token#"${token%%[![:space:]]*}"}
-        token=${token%"${token##*[![:space:]]}"}
+        number=$((number + 1))
+        token=${line%"$CR"}
+        token=${token#"${token%%[!" $TAB"]*}"}
+        token=${token%"${token##*[!" $TAB"]}"}
         case "$token" in ''|'#'*) continue ;; esac
         case "$token" in
-            *[!A-Za-z0-9._~+/=-]*) die "$2: a token may hold only letters, digits and . _ ~ + / = - ($1)" ;;
+            *[!A-Za-z0-9._~+/=-]*) die "$2: line $number: a token may hold only letters, digits and . _ ~ + / = - ($1)" ;;
         esac
-        [ "${#token}" -ge 32 ] || die "$2: a token has ${#token} characters; at least 32 are needed ($1)"
-        [ "${#token}" -le 512 ] || die "$2: a token has more than 512 characters ($1)"
+        [ "${#token}" -ge 32 ] || die "$2: line $number: a token has ${#token} characters; at least 32 are needed ($1)"
+        [ "${#token}" -le 512 ] || die "$2: line $number: a token has more than 512 characters ($1)"
+        lower=$(printf '%s' "$token" | tr 'A-Z' 'a-z')
+        distinct=$(printf '%s' "$lower" | fold -w 1 | sort -u | wc -l)
+        distinct=$((distinct + 0))
+        [ "$distinct" -ge 8 ] \
+            || die "$2: line $number: a token has $distinct different characters (letter case aside); at least 8 are needed ($1)"
+        case "$seen" in
+            *" $lower:"*) rest=${seen#*" $lower:"}
+                          die "$2: line $number: the token of line ${rest%% *} again (letter case aside) ($1)" ;;
+        esac
+        seen="$seen $lower:$number "
         printf '    "Bearer %s" %s;\n' "$token" "$3"
         count=$((count + 1))
     done <"$2"
-    [ "$count" -gt 0 ] || die "$2: token file is empty ($1)"
+    [ "$count" -gt 0 ] || die "$2: the file holds no token (only blank lines and # comments) ($1)"
 }
+TAB=$(printf '\t')
+CR=$(printf '\r')
 
 umask 077
 mkdir -p "$PROXY_DIR/logs" "$PROXY_DIR/tmp" || die "$PROXY_DIR: cannot create (PROXY_DIR must be writable)"
@@ -162,10 +224,18 @@ metrics_filter='/^#BEGIN metrics$/,/^#END metrics$/d'
         -e "s|@ERROR_LOG@|$ERROR_LOG|g" \
         -e "s|@USER_DIRECTIVE@|$USER_DIRECTIVE|g" \
         -e "s|@WORKERS@|$workers|g" \
+        -e "s|@LOAD_STREAM@|$LOAD_STREAM|g" \
+        -e "s|@WORKER_NOFILE@|$WORKER_NOFILE|g" \
+        -e "s|@WORKER_CONNECTIONS@|$WORKER_CONNECTIONS|g" \
+        -e "s|@PER_ADDRESS@|$PER_ADDRESS|g" \
+        -e "s|@STREAM_IDLE_TIMEOUT@|$STREAM_IDLE_TIMEOUT|g" \
         -e "s|@MAX_BODY@|$MAX_BODY|g" \
         -e "s|@SPOOL_SMALL@|$SPOOL_SMALL|g" \
         -e "s|@SPOOL_MEDIUM@|$SPOOL_MEDIUM|g" \
         -e "s|@SPOOL_LARGE@|$SPOOL_LARGE|g" \
+        -e "s|@SPOOL_SMALL_SHARE@|$SPOOL_SMALL_SHARE|g" \
+        -e "s|@SPOOL_MEDIUM_SHARE@|$SPOOL_MEDIUM_SHARE|g" \
+        -e "s|@SPOOL_LARGE_SHARE@|$SPOOL_LARGE_SHARE|g" \
         -e "s|@HEADER_TIMEOUT@|$HEADER_TIMEOUT|g" \
         -e "s|@BODY_TIMEOUT@|$BODY_TIMEOUT|g" \
         -e "s|@UPSTREAM_TIMEOUT@|$UPSTREAM_TIMEOUT|g" \
@@ -188,8 +258,10 @@ fi
 echo "render.sh: $PROXY_DIR/nginx.conf (inference $LISTEN -> $INFERENCE_BACKEND, management" \
      "$MANAGEMENT_LISTEN -> $MANAGEMENT_BACKEND${METRICS_LISTEN:+, metrics $METRICS_LISTEN -> $METRICS_BACKEND}," \
      "body limit $MAX_BODY bytes from $TS_CONFIG, spool caps $SPOOL_SMALL/$SPOOL_MEDIUM/$SPOOL_LARGE" \
-     "within $SPOOL_BYTES bytes)"
+     "within $SPOOL_BYTES bytes (an address $SPOOL_SMALL_SHARE/$SPOOL_MEDIUM_SHARE/$SPOOL_LARGE_SHARE)," \
+     "$WORKER_CONNECTIONS connections a worker, $PER_ADDRESS an address)"
 if [ "$MODE" = --foreground ]; then
+    rm -f "$PROXY_DIR"/*.sock  # left by an nginx that was killed (a pod's volume outlives it)
     exec "$NGINX" -p "$PROXY_DIR" -e "$ERROR_LOG" -c "$PROXY_DIR/nginx.conf" -g 'daemon off;'
 fi
 if [ "$MODE" = --reload ]; then

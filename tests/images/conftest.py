@@ -37,7 +37,7 @@ SESSION_LABEL = "ts-batch-classify.test-session"  # the pid of the pytest that m
 def remove_leftovers() -> None:
     """Pods, networks and rules an earlier session left behind when it was killed (its pid gone):
     the pods keep the manifests' names (ts-0, ...), which a new session needs."""
-    from core.torchserve import pid_alive
+    from core.readiness import pid_alive
     listed = podman("pod", "ps", "--filter", f"label={SESSION_LABEL}", "--format", "{{.Name}} {{.Labels}}",
                     check=False).stdout
     for line in listed.splitlines():
