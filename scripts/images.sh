@@ -26,6 +26,9 @@ setup() {
     command -v runc >/dev/null 2>&1 || need+=(runc)
     command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
     command -v nft >/dev/null 2>&1 || need+=(nftables)
+    # netavark (podman's network backend, the bridge of every RUN step and pod) sets its rules
+    # with iptables; without it a build fails with "netavark: No such file or directory".
+    command -v iptables >/dev/null 2>&1 || need+=(iptables)
     if [ ${#need[@]} -gt 0 ]; then
         log "installing Debian's ${need[*]}"
         apt-get update -qq

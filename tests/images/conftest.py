@@ -272,9 +272,9 @@ def rows(path: Path) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def built() -> dict[str, str]:
     """Both images, built by scripts/images.sh (a second run reuses podman's layer cache)."""
-    if shutil.which("podman") is None:
-        setup = subprocess.run(["bash", str(IMAGES_SH), "setup"], capture_output=True, text=True, timeout=900)
-        assert setup.returncode == 0, setup.stderr
+    # Idempotent: installs only what is missing (podman, runc, debootstrap, nftables, iptables).
+    setup = subprocess.run(["bash", str(IMAGES_SH), "setup"], capture_output=True, text=True, timeout=900)
+    assert setup.returncode == 0, setup.stderr
     env_line = subprocess.run(["bash", str(IMAGES_SH), "env"], capture_output=True, text=True, check=True).stdout
     env = dict(word.split("=", 1) for word in env_line.split()[1:])
     os.environ["CONTAINERS_CONF"] = env["CONTAINERS_CONF"]
