@@ -29,6 +29,8 @@ setup() {
     # netavark (podman's network backend, the bridge of every RUN step and pod) sets its rules
     # with iptables; without it a build fails with "netavark: No such file or directory".
     command -v iptables >/dev/null 2>&1 || need+=(iptables)
+    # A pod's infra container runs catatonit ("building local pause image: finding pause binary").
+    command -v catatonit >/dev/null 2>&1 || [ -x /usr/libexec/podman/catatonit ] || need+=(catatonit)
     if [ ${#need[@]} -gt 0 ]; then
         log "installing Debian's ${need[*]}"
         apt-get update -qq

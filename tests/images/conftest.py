@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -246,8 +247,22 @@ class JobRun:
         return [f"{p.name}-{p.containers()[0]['name']}" for p in self.pods]
 
     def running(self) -> bool:
-        return any(podman("inspect", c, "--format", "{{.State.Running}}", check=False).stdout.strip() == "true"
-                   for c in self.main_containers())
+        """Some shard's container is running or paused (not yet exited)."""
+        return any(podman("inspect", c, "--format", "{{.State.Status}}", check=False).stdout.strip()
+                   in ("running", "paused") for c in self.main_containers())
+
+    @contextmanager
+    def held(self):
+        """The Job's shard containers frozen (podman pause: the cgroup freezer) for the block's time,
+        their connections and requests in flight kept: a fault applied inside falls within the run
+        however fast this machine classifies. Asserts that the run had not ended when frozen."""
+        paused = [c for c in self.main_containers() if podman("pause", c, check=False).returncode == 0]
+        try:
+            assert paused, "the run ended before the fault: every shard's container had exited"
+            yield
+        finally:
+            for container in paused:
+                podman("unpause", container)
 
     def wait(self, timeout: float = 1800) -> "JobRun":
         for container in self.main_containers():
