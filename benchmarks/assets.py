@@ -68,7 +68,7 @@ def make_packages(run_dir: Path, arch: str, image_size: int, num_classes: int, s
                   precisions: list[str], calibration: list[Path], batch_size: int) -> None:
     """RUN/model-P.pt2 for each P (training/aot.py): the same fixed-seed weights as model.pt, int8
     calibrated on `calibration` (the benchmark's own images). A package already made from this
-    model.pt with this torch is kept (compiling takes minutes on a small CPU)."""
+    model.pt with this torch and recipe is kept (compiling takes minutes on a small CPU)."""
     import torch
 
     from handler import aot
@@ -83,7 +83,8 @@ def make_packages(run_dir: Path, arch: str, image_size: int, num_classes: int, s
         out = export_aot.package_path(run_dir, precision)
         try:
             meta = aot.read_meta(out)
-            if meta["model_sha256"] == model_sha and meta["torch"] == torch.__version__ and out.is_file():
+            if (meta["model_sha256"] == model_sha and meta["torch"] == torch.__version__
+                    and meta.get("recipe") == export_aot.RECIPE and out.is_file()):
                 continue
         except aot.PackageRefused:
             pass

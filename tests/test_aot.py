@@ -3,11 +3,14 @@ and served by a real TorchServe with the answers of model.pt (the tiny model of 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import zipfile
 
 import pytest
 import torch
+from torch import nn
 
 from handler import aot, device
 from tests.conftest import ARCHIVE, LABELS, MODEL, REPO, make_server, write_images
@@ -123,6 +126,42 @@ def test_the_gate_archives_and_a_real_torchserve_serves_the_package_as_model_pt(
             theirs = reference.predict(MODEL, None, path.read_bytes()).json()
             assert ours[0]["label"] == theirs[0]["label"] == path.parent.name
             assert abs(ours[0]["probability"] - theirs[0]["probability"]) <= 1e-5
+
+
+class ConvNet(nn.Module):
+    """A convolution, BatchNorm and a linear head: what freezing packs (TinyNet has no convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def kernels_called(package) -> set[str]:
+    """The CPU kernels the package's generated C++ calls (AOTInductor keeps the source in the package)."""
+    with zipfile.ZipFile(package) as archive:
+        source = "".join(archive.read(n).decode("utf-8", "replace") for n in archive.namelist()
+                         if n.endswith("wrapper.cpp"))
+    return set(re.findall(r"aoti_torch_cpu_\w+", source))
+
+
+@pytest.mark.parametrize("precision, packed", [("fp32", "mkldnn__convolution_pointwise"), ("int8", "_qconv")])
+def test_packages_are_compiled_frozen_with_packed_convolutions(tmp_path, precision, packed):
+    """Inductor freezes (constant weights, packed for oneDNN; int8's quantized convolutions) only
+    with grad off, and says nothing otherwise: compiled with grad on, int8 ran dequantize + an fp32
+    convolution at fp32's speed. The generated C++ names the kernels: this test reads no clock."""
+    generator = torch.Generator().manual_seed(0)
+    calibration = list(torch.randn(16, 3, *IMAGE_SIZE, generator=generator)) if precision == "int8" else None
+    package = tmp_path / f"model-{precision}.pt2"
+    meta = export_aot.export_pt2(ConvNet().eval(), package, precision, IMAGE_SIZE, 4, "0" * 64, calibration)
+    calls = kernels_called(package)
+    assert any(packed in call for call in calls), sorted(calls)
+    assert "aoti_torch_cpu_convolution" not in calls, sorted(calls)
+    assert meta["recipe"] == export_aot.RECIPE
 
 
 @pytest.mark.parametrize("calibration, passes", [("images", True), ("noise", False)])
