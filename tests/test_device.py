@@ -20,6 +20,7 @@ from handler.device import (
     resolve_precision,
     select_device,
 )
+from tests.conftest import wait_for
 
 CPU = torch.device("cpu")
 PASSED = {"passed": True, "agreement": 1.0, "accuracy_fp32": 0.98, "accuracy": 0.98}
@@ -185,6 +186,8 @@ def test_running_workers_are_counted_among_real_processes(tmp_path):
     children = [subprocess.Popen([sys.executable, str(script), "--sock-name", f"/tmp/x.{i}"]) for i in range(3)]
     children.append(subprocess.Popen([sys.executable, str(other)]))
     try:
+        for child, name in zip(children, [script.name] * 3 + [other.name]):
+            assert exec_finished(child, name)
         assert count_running_workers(parent=os.getpid()) == 3
         assert count_running_workers(parent=children[-1].pid) == 0
     finally:
@@ -192,6 +195,13 @@ def test_running_workers_are_counted_among_real_processes(tmp_path):
             child.kill()
             child.wait()
     assert count_running_workers(parent=os.getpid()) == 0
+
+
+def exec_finished(child: subprocess.Popen, argument: str) -> bool:
+    """Whether `child`'s exec got as far as its new command line. A child just started may still show
+    the parent's, or (between exec's new name and its new arguments) an empty one: counting it then
+    tests the race, not the count. 600 s bounds a hung exec; no machine has to be faster."""
+    return wait_for(lambda: argument in " ".join(psutil.Process(child.pid).cmdline()), 600)
 
 
 def test_workers_with_odd_process_names_are_counted(tmp_path):
@@ -203,6 +213,7 @@ def test_workers_with_odd_process_names_are_counted(tmp_path):
     script.write_text("import time\ntime.sleep(60)\n")
     child = subprocess.Popen([str(odd), str(script)])
     try:
+        assert exec_finished(child, script.name)
         assert psutil.Process(child.pid).name() == "a ) b"
         assert count_running_workers(parent=os.getpid()) == 1
     finally:
