@@ -103,21 +103,20 @@ def export_pt2(model: nn.Module, out: str | Path, precision: str, image_size: tu
     example = torch.zeros(min(2, batch_size), 3, *image_size)
     batch = torch.export.Dim("batch", min=1, max=batch_size) if batch_size > 1 else None
     dynamic = ({0: batch},) if batch is not None else None
+    march = march_for(aot.cpu_flags())
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # all under no_grad, the compile too: inductor freezes (constant weights, the x86 int8 and mkldnn
+    # weight packing) only where grad mode is off, and says nothing otherwise: int8 compiled with
+    # grad on ran at fp32's speed (12.7 against 1.3 ms an image, resnet18 at 224 on an AMX CPU)
     with torch.no_grad():
         if precision == "int8":
             model = quantize_int8(model, example, dynamic, calibration, batch_size)
         elif precision == "bf16":
             model = AtPrecision(model, torch.bfloat16)
         exported = torch.export.export(model, (example,), dynamic_shapes=dynamic, strict=precision == "int8")
-    march = march_for(aot.cpu_flags())
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # under no_grad: inductor freezes (constant weights, the x86 int8 and mkldnn weight packing) only
-    # where grad mode is off, and says nothing otherwise: int8 compiled with grad on ran at fp32's
-    # speed (12.7 against 1.3 ms an image, resnet18 at 224 on an AMX CPU)
-    with torch.no_grad(), torch._inductor.config.patch({"freezing": True, "cpp.march": march,
-                                                         "cpp.dynamic_threads": True}):
-        save_atomic(lambda f: torch._inductor.aoti_compile_and_package(exported, package_path=f), out)
+        with torch._inductor.config.patch({"freezing": True, "cpp.march": march, "cpp.dynamic_threads": True}):
+            save_atomic(lambda f: torch._inductor.aoti_compile_and_package(exported, package_path=f), out)
     meta = {"format": "pt2", "precision": precision, "device": "cpu", "torch": torch.__version__,
             "march": march, "cpu_flags": aot.MARCH_FLAGS[march] + isa_extension_flags(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -287,7 +287,7 @@ def rows(path: Path) -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def built() -> dict[str, str]:
     """Both images, built by scripts/images.sh (a second run reuses podman's layer cache)."""
-    # Idempotent: installs only what is missing (podman, runc, debootstrap, nftables, iptables).
+    # Idempotent: installs only what is missing (scripts/images.sh setup lists what it checks).
     setup = subprocess.run(["bash", str(IMAGES_SH), "setup"], capture_output=True, text=True, timeout=900)
     assert setup.returncode == 0, setup.stderr
     env_line = subprocess.run(["bash", str(IMAGES_SH), "env"], capture_output=True, text=True, check=True).stdout
