@@ -199,12 +199,12 @@ def run_check(args: argparse.Namespace, states: list[ReplicaState], model: str, 
 
 
 def _default_version(state: ReplicaState, model: str) -> str | None:
-    """The replica's default version of `model`; "?" when its management API cannot be read."""
+    """The replica's default version of `model`; None (any version) when its management API cannot be read."""
     try:
         return state.server.default_version(model)
     except (ServerUnavailable, Refused) as e:
         logging.getLogger("classify_dir").warning("%s: default version not read (%s)", state.replica.name, e)
-        return "?"
+        return None
 
 
 def keep_out_failing(states: list[ReplicaState], check: RunCheck, served: dict, source: str) -> list[TorchServe]:
@@ -240,8 +240,6 @@ def connect(args: argparse.Namespace) -> tuple[Dispatcher, str, str, RunCheck]:
         if check.default_version is not None:
             serving = next((s for s in states if s.healthy), None)
             now = dataclasses.replace(check, default_version=serving and _default_version(serving, model))
-            if now.default_version == "?":
-                now = dataclasses.replace(check, default_version=None)
         return ping_state(state) or now.problem(state.server, ready=True)
 
     dispatcher = Dispatcher(states, args.concurrency, Retry(total=args.retries), prepare=prepare,

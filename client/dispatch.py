@@ -154,7 +154,7 @@ class Dispatcher:
                 return last
             outcome, answer = self._send(state, body, content_type, row)
             last = answer or last
-            if outcome.kind in (Kind.ANSWER, Kind.BAD_ANSWER):
+            if outcome.answered:
                 answered_by = state
             no_worker = state.sender.no_ready_worker() if self.retry.asks_workers(outcome, attempt) else None
             decision = self._apply(state, outcome, attempt, exclude, no_worker)
@@ -162,7 +162,7 @@ class Dispatcher:
             if decision.exclude:
                 exclude.add(state.replica.name)
             if decision.action is Action.DONE:
-                self._count(state if outcome.kind in (Kind.ANSWER, Kind.BAD_ANSWER) else None, last)
+                self._count(state if outcome.answered else None, last)
                 return last
             if decision.action is Action.RETRY:
                 if decision.back_off:
@@ -201,8 +201,7 @@ class Dispatcher:
             others = any(s.healthy and s is not state and s.replica.name not in exclude for s in self.states)
             decision = decide(outcome, attempt=attempt, failures=state.failures, others=others,
                               retry=self.retry, no_worker=no_worker)
-            answered = outcome.kind in (Kind.ANSWER, Kind.BAD_ANSWER)
-            if answered:
+            if outcome.answered:
                 state.failures = decision.failures
                 if state.healthy:  # an answer from a replica that is in: the fleet is not all out
                     self._all_out_since = None

@@ -60,6 +60,11 @@ class Outcome:
     status: int | None = None  # the HTTP status of an ANSWER or BAD_ANSWER
     why: str = ""  # for a take-out's reason: the error the replica gave
 
+    @property
+    def answered(self) -> bool:
+        """The replica answered (well or with nonsense): it is up, whatever it said."""
+        return self.kind in (Kind.ANSWER, Kind.BAD_ANSWER)
+
 
 class Action(enum.Enum):
     DONE = "done"  # the row is the file's: write it

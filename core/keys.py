@@ -219,7 +219,7 @@ class Keys:
                 self._session = new_session(1)
             try:  # TorchServe answers with an empty body and rewrites the key file
                 response = self._session.get(f"{self.management_url}/token", params={"type": kind},
-                                             headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+                                             headers=bearer(api_key), timeout=10)
             except requests.RequestException:
                 return False
             return response.status_code == 200 and self._replace(self._read(), kind, rejected)
